@@ -1,0 +1,2 @@
+//! Criterion benchmarks of layer apply and diff (filled in below).
+fn main() {}

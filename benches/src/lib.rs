@@ -1,0 +1,1 @@
+//! Benchmarks for Strata; see `benches/`. Nothing here is run by `cargo test`.

@@ -1,0 +1,782 @@
+//! Applying an OCI layer blob into a directory in overlayfs' native form.
+//!
+//! The blob is streamed once: the raw bytes are hashed for the blob digest, decompressed (by
+//! magic bytes), hashed again for the diffID, and the tar entries are written into a temporary
+//! sibling of the target that is renamed into place only when everything succeeded and the
+//! digests match. Every path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! below the temporary root and every final component is created without following symlinks,
+//! so no entry can write outside the target, whatever the archive holds.
+
+use std::cell::Cell;
+use std::ffi::CStr;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::archive::{Entry, Kind, Reader};
+use crate::compress::{self, Compression};
+use crate::digest::{Digest, HashReader};
+use crate::sys;
+use crate::whiteout::{self, Marker, XattrNs};
+use crate::{Error, Result};
+
+/// Default cap on a layer's uncompressed size: 64 GiB.
+pub const DEFAULT_MAX_SIZE: u64 = 64 << 30;
+
+/// How to apply a layer.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Namespace of the opaque xattr written for `.wh..wh..opq`.
+    pub xattr_ns: XattrNs,
+    /// Rootless: device nodes are skipped and failed chowns or privileged xattrs are warnings.
+    pub rootless: bool,
+    /// The diffID the uncompressed stream must have.
+    pub expected_diff_id: Option<Digest>,
+    /// The digest the blob must have.
+    pub expected_digest: Option<Digest>,
+    /// Cap on the uncompressed size.
+    pub max_size: u64,
+    /// Lower layers (top first): directories the tar implies but does not contain get their
+    /// mode and owner from the topmost lower that has them, as containerd does.
+    pub parents: Vec<PathBuf>,
+    /// `syncfs` the target before returning, so an acknowledged apply survives a crash.
+    pub sync: bool,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            xattr_ns: XattrNs::Trusted,
+            rootless: false,
+            expected_diff_id: None,
+            expected_digest: None,
+            max_size: DEFAULT_MAX_SIZE,
+            parents: Vec::new(),
+            sync: true,
+        }
+    }
+}
+
+impl ApplyOptions {
+    /// Options for rootless use: `user.overlay.` xattrs, devices skipped.
+    pub fn rootless() -> Self {
+        ApplyOptions {
+            xattr_ns: XattrNs::User,
+            rootless: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    /// The blob's compression.
+    pub compression: Compression,
+    /// sha256 of the uncompressed tar stream.
+    pub diff_id: Digest,
+    /// sha256 of the blob as read.
+    pub digest: Digest,
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// Size of the uncompressed stream in bytes.
+    pub uncompressed: u64,
+    /// Number of tar entries applied.
+    pub entries: u64,
+    /// Things skipped in rootless mode.
+    pub warnings: Vec<String>,
+}
+
+/// Applies the layer blob at `blob` into `target` (see [`apply`]).
+pub fn apply_file(blob: &Path, target: &Path, opts: &ApplyOptions) -> Result<ApplyReport> {
+    let f = File::open(blob).map_err(|e| Error::io("open layer", blob, e))?;
+    apply(io::BufReader::with_capacity(256 << 10, f), target, opts)
+}
+
+/// Applies a layer blob (tar, tar+gzip or tar+zstd) into `target`, which must not exist or be
+/// an empty directory. On any error nothing is left behind and `target` is as it was.
+pub fn apply<R: Read>(blob: R, target: &Path, opts: &ApplyOptions) -> Result<ApplyReport> {
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = target.file_name().ok_or_else(|| Error::Target {
+        path: target.into(),
+        reason: "has no file name".into(),
+    })?;
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::Target {
+                path: target.into(),
+                reason: "exists and is not a directory".into(),
+            });
+        }
+        Ok(_) => {
+            let mut it = std::fs::read_dir(target).map_err(|e| Error::io("read", target, e))?;
+            if it.next().is_some() {
+                return Err(Error::Target {
+                    path: target.into(),
+                    reason: "exists and is not empty".into(),
+                });
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("stat", target, e)),
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let tmp = parent.join(format!(
+        ".{}.strata-apply-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        stamp.as_nanos()
+    ));
+    std::fs::create_dir(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    let result = apply_into_tmp(blob, &tmp, opts).and_then(|report| {
+        std::fs::rename(&tmp, target).map_err(|e| Error::io("rename into place", target, e))?;
+        if opts.sync {
+            let dir = File::open(parent).map_err(|e| Error::io("open", parent, e))?;
+            sys::syncfs(dir.as_fd()).map_err(|e| Error::io("syncfs", parent, e))?;
+        }
+        Ok(report)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn apply_into_tmp<R: Read>(blob: R, tmp: &Path, opts: &ApplyOptions) -> Result<ApplyReport> {
+    std::fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| Error::io("chmod", tmp, e))?;
+    let root = sys::openat(
+        File::open(tmp)
+            .map_err(|e| Error::io("open", tmp, e))?
+            .as_fd(),
+        c".",
+        libc::O_DIRECTORY | libc::O_RDONLY,
+        0,
+    )
+    .map_err(|e| Error::io("open", tmp, e))?;
+    let mut raw = HashReader::new(blob);
+    let over = Rc::new(Cell::new(false));
+    let (compression, uncompressed, diff_id, entries, warnings) = {
+        let (compression, decoded) = compress::decoder(&mut raw).map_err(Error::Stream)?;
+        let capped = Capped {
+            inner: decoded,
+            left: opts.max_size,
+            over: over.clone(),
+        };
+        let mut tar = Reader::new(HashReader::new(capped));
+        let mut applier = Applier::new(root, opts);
+        let run = (|| -> Result<()> {
+            while let Some(entry) = tar.next_entry()? {
+                applier.entry(&entry, &mut tar)?;
+            }
+            Ok(())
+        })();
+        let cap = |e: Error| {
+            if over.get() {
+                Error::TooLarge { cap: opts.max_size }
+            } else {
+                e
+            }
+        };
+        run.map_err(cap)?;
+        // Drain what follows the end-of-archive marker so both digests cover the whole blob
+        // (and gzip's trailer is checked).
+        let (diff_id, uncompressed) = tar
+            .into_inner()
+            .finish()
+            .map_err(|e| cap(Error::Stream(e)))?;
+        applier.finish()?;
+        (
+            compression,
+            uncompressed,
+            diff_id,
+            applier.entries,
+            applier.warnings,
+        )
+    };
+    let (digest, size) = raw.finish().map_err(Error::Stream)?;
+    check("diffID", opts.expected_diff_id, diff_id)?;
+    check("digest", opts.expected_digest, digest)?;
+    Ok(ApplyReport {
+        compression,
+        diff_id,
+        digest,
+        size,
+        uncompressed,
+        entries,
+        warnings,
+    })
+}
+
+fn check(what: &'static str, expected: Option<Digest>, actual: Digest) -> Result<()> {
+    match expected {
+        Some(e) if e != actual => Err(Error::DigestMismatch {
+            what,
+            expected: e.to_string(),
+            actual: actual.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Stops reading past `left` bytes.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    over: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            self.over.set(true);
+            return Err(io::Error::other("layer exceeds its size cap"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// A path split into validated components.
+fn components(raw: &[u8]) -> Result<Vec<&[u8]>> {
+    if raw.contains(&0) {
+        return Err(Error::refused(raw, "name contains a NUL byte"));
+    }
+    if raw.first() == Some(&b'/') {
+        return Err(Error::refused(raw, "absolute path"));
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err(Error::refused(raw, "path contains '..'")),
+            c => out.push(c),
+        }
+    }
+    if out.iter().map(|c| c.len() + 1).sum::<usize>() > 4096 {
+        return Err(Error::refused(raw, "path longer than PATH_MAX (4096)"));
+    }
+    Ok(out)
+}
+
+fn join(comps: &[&[u8]]) -> Vec<u8> {
+    comps.join(&b'/')
+}
+
+struct Applier<'o> {
+    root: OwnedFd,
+    opts: &'o ApplyOptions,
+    /// Directories whose times are set at the end, after their children.
+    dirs: Vec<(Vec<u8>, i64, u32)>,
+    /// The last parent directory opened, by path.
+    cached: Option<(Vec<u8>, OwnedFd)>,
+    entries: u64,
+    warnings: Vec<String>,
+    buf: Vec<u8>,
+}
+
+impl<'o> Applier<'o> {
+    fn new(root: OwnedFd, opts: &'o ApplyOptions) -> Self {
+        Applier {
+            root,
+            opts,
+            dirs: Vec::new(),
+            cached: None,
+            entries: 0,
+            warnings: Vec::new(),
+            buf: vec![0; 256 << 10],
+        }
+    }
+
+    fn warn(&mut self, msg: String) {
+        tracing::warn!("{msg}");
+        if self.warnings.len() < 1000 {
+            self.warnings.push(msg);
+        }
+    }
+
+    fn entry<R: Read>(&mut self, e: &Entry, tar: &mut Reader<R>) -> Result<()> {
+        self.entries += 1;
+        let comps = components(&e.path)?;
+        let Some((&base, parent)) = comps.split_last() else {
+            // The root itself ("./"): only a directory may describe it.
+            if e.kind != Kind::Dir {
+                return Err(Error::refused(
+                    &e.path,
+                    "the layer root must be a directory",
+                ));
+            }
+            let root = self
+                .root
+                .try_clone()
+                .map_err(|err| Error::entry(&e.path, "dup", err))?;
+            return self.dir_meta(e, root.as_fd(), Vec::new());
+        };
+        match whiteout::classify(base) {
+            Marker::Opaque => {
+                let dir = self.parent(&e.path, parent)?;
+                let attr = self.opts.xattr_ns.opaque();
+                sys::fsetxattr(dir.as_fd(), attr, whiteout::OPAQUE_VALUE)
+                    .map_err(|err| Error::entry(&e.path, "set opaque xattr", err))?;
+                return Ok(());
+            }
+            Marker::Whiteout(name) => {
+                if name.is_empty() || name == b"." || name == b".." {
+                    return Err(Error::refused(&e.path, "whiteout of '.', '..' or nothing"));
+                }
+                if name.starts_with(whiteout::WHITEOUT_PREFIX) {
+                    return Err(Error::refused(&e.path, "whiteout of a whiteout name"));
+                }
+                let dir = self.parent(&e.path, parent)?;
+                let cname = sys::cstr(name).map_err(|err| Error::entry(&e.path, "name", err))?;
+                self.remove_existing(&e.path, dir.as_fd(), &cname)?;
+                sys::mknodat(dir.as_fd(), &cname, libc::S_IFCHR, 0)
+                    .map_err(|err| Error::entry(&e.path, "create whiteout (char 0:0)", err))?;
+                return Ok(());
+            }
+            Marker::Plain => {}
+        }
+        let dir = self.parent(&e.path, parent)?;
+        let name = sys::cstr(base).map_err(|err| Error::entry(&e.path, "name", err))?;
+        for (attr, _) in &e.xattrs {
+            if whiteout::is_overlay_xattr(attr) {
+                return Err(Error::refused(
+                    &e.path,
+                    format!(
+                        "overlay xattr {} is not allowed in a layer",
+                        String::from_utf8_lossy(attr)
+                    ),
+                ));
+            }
+        }
+        let dir = dir.as_fd();
+        match e.kind {
+            Kind::Dir => {
+                match sys::mkdirat(dir, &name, 0o700) {
+                    Ok(()) => {}
+                    Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+                        let st = sys::lstatat(dir, &name)
+                            .map_err(|err| Error::entry(&e.path, "stat", err))?;
+                        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                            self.remove_existing(&e.path, dir, &name)?;
+                            sys::mkdirat(dir, &name, 0o700)
+                                .map_err(|err| Error::entry(&e.path, "mkdir", err))?;
+                        }
+                    }
+                    Err(err) => return Err(Error::entry(&e.path, "mkdir", err)),
+                }
+                let fd = sys::openat(
+                    dir,
+                    &name,
+                    libc::O_DIRECTORY | libc::O_RDONLY | libc::O_NOFOLLOW,
+                    0,
+                )
+                .map_err(|err| Error::entry(&e.path, "open dir", err))?;
+                self.dir_meta(e, fd.as_fd(), join(&comps))
+            }
+            Kind::File => {
+                let fd = self.create(&e.path, dir, &name, |d, n| {
+                    sys::openat(
+                        d,
+                        n,
+                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
+                        0o600,
+                    )
+                })?;
+                let mut file = File::from(fd);
+                self.write_data(e, tar, &mut file)?;
+                self.owner_mode(e, file.as_fd(), c"")?;
+                self.xattrs(e, file.as_fd(), c"")?;
+                sys::lutimesat(file.as_fd(), c"", e.mtime, e.mtime_nsec)
+                    .map_err(|err| Error::entry(&e.path, "set times", err))
+            }
+            Kind::Symlink => {
+                let target = sys::cstr(&e.link)
+                    .map_err(|_| Error::refused(&e.path, "symlink target contains a NUL byte"))?;
+                if e.link.is_empty() {
+                    return Err(Error::refused(&e.path, "symlink with an empty target"));
+                }
+                self.create(&e.path, dir, &name, |d, n| sys::symlinkat(&target, d, n))?;
+                self.chown(e, dir, &name)?;
+                self.xattrs(e, dir, &name)?;
+                sys::lutimesat(dir, &name, e.mtime, e.mtime_nsec)
+                    .map_err(|err| Error::entry(&e.path, "set times", err))
+            }
+            Kind::HardLink => self.hardlink(e, dir, &name),
+            Kind::Char | Kind::Block | Kind::Fifo => {
+                let (fmt, what) = match e.kind {
+                    Kind::Char => (libc::S_IFCHR, "character device"),
+                    Kind::Block => (libc::S_IFBLK, "block device"),
+                    _ => (libc::S_IFIFO, "fifo"),
+                };
+                if e.kind == Kind::Char && e.dev_major == 0 && e.dev_minor == 0 {
+                    return Err(Error::refused(
+                        &e.path,
+                        "char device 0:0 is overlay's whiteout; a layer deletes with .wh. entries",
+                    ));
+                }
+                if self.opts.rootless && e.kind != Kind::Fifo {
+                    self.warn(format!(
+                        "{}: {what} skipped in rootless mode",
+                        String::from_utf8_lossy(&e.path)
+                    ));
+                    return Ok(());
+                }
+                let dev = sys::makedev(e.dev_major, e.dev_minor);
+                self.create(&e.path, dir, &name, |d, n| {
+                    sys::mknodat(d, n, fmt | (e.mode & 0o777), dev)
+                })?;
+                self.chown(e, dir, &name)?;
+                sys::fchmodat(dir, &name, e.mode)
+                    .map_err(|err| Error::entry(&e.path, "chmod", err))?;
+                self.xattrs(e, dir, &name)?;
+                sys::lutimesat(dir, &name, e.mtime, e.mtime_nsec)
+                    .map_err(|err| Error::entry(&e.path, "set times", err))
+            }
+        }
+    }
+
+    /// Creates `name` with `make`, replacing whatever is there (a whiteout or an earlier entry of
+    /// this layer).
+    fn create<T>(
+        &mut self,
+        entry: &[u8],
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        make: impl Fn(BorrowedFd<'_>, &CStr) -> io::Result<T>,
+    ) -> Result<T> {
+        match make(dir, name) {
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+                self.remove_existing(entry, dir, name)?;
+                make(dir, name).map_err(|err| Error::entry(entry, "create", err))
+            }
+            r => r.map_err(|err| Error::entry(entry, "create", err)),
+        }
+    }
+
+    fn hardlink(&mut self, e: &Entry, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+        let tcomps = components(&e.link).map_err(|err| match err {
+            Error::Refused { reason, .. } => {
+                Error::refused(&e.path, format!("hardlink target {}", reason))
+            }
+            other => other,
+        })?;
+        let Some((&tbase, tparent)) = tcomps.split_last() else {
+            return Err(Error::refused(&e.path, "hardlink to the layer root"));
+        };
+        let not_in_layer = || {
+            Error::refused(
+                &e.path,
+                format!(
+                    "hardlink target {:?} is not in this layer",
+                    String::from_utf8_lossy(&e.link)
+                ),
+            )
+        };
+        let tdir = if tparent.is_empty() {
+            self.root
+                .try_clone()
+                .map_err(|err| Error::entry(&e.path, "dup", err))?
+        } else {
+            let p = sys::cstr(&join(tparent)).map_err(|err| Error::entry(&e.path, "name", err))?;
+            match sys::open_beneath(self.root.as_fd(), &p, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
+                Ok(fd) => fd,
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Err(not_in_layer()),
+                Err(err) => return Err(self.resolve_error(&e.path, err)),
+            }
+        };
+        let tname = sys::cstr(tbase).map_err(|err| Error::entry(&e.path, "name", err))?;
+        let st = match sys::lstatat(tdir.as_fd(), &tname) {
+            Ok(st) => st,
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Err(not_in_layer()),
+            Err(err) => return Err(Error::entry(&e.path, "stat hardlink target", err)),
+        };
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            return Err(Error::refused(&e.path, "hardlink to a directory"));
+        }
+        if whiteout::is_whiteout_stat(&st) {
+            return Err(Error::refused(&e.path, "hardlink to a whiteout"));
+        }
+        if let Ok(cur) = sys::lstatat(dir, name) {
+            if cur.st_ino == st.st_ino && cur.st_dev == st.st_dev {
+                return Ok(());
+            }
+        }
+        self.create(&e.path, dir, name, |d, n| {
+            sys::linkat(tdir.as_fd(), &tname, d, n)
+        })
+    }
+
+    fn write_data<R: Read>(
+        &mut self,
+        e: &Entry,
+        tar: &mut Reader<R>,
+        file: &mut File,
+    ) -> Result<()> {
+        let read_err = |err: io::Error| Error::entry(&e.path, "read data", err);
+        let write_err = |err: io::Error| Error::entry(&e.path, "write data", err);
+        let mut data = tar.data();
+        match &e.sparse {
+            None => {
+                let mut left = e.size;
+                while left > 0 {
+                    let k = left.min(self.buf.len() as u64) as usize;
+                    let n = data.read(&mut self.buf[..k]).map_err(read_err)?;
+                    if n == 0 {
+                        return Err(read_err(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                    file.write_all(&self.buf[..n]).map_err(write_err)?;
+                    left -= n as u64;
+                }
+            }
+            Some(segs) => {
+                for &(off, len) in segs {
+                    let mut pos = off;
+                    let mut left = len;
+                    while left > 0 {
+                        let k = left.min(self.buf.len() as u64) as usize;
+                        data.read_exact(&mut self.buf[..k]).map_err(read_err)?;
+                        file.write_all_at(&self.buf[..k], pos).map_err(write_err)?;
+                        pos += k as u64;
+                        left -= k as u64;
+                    }
+                }
+                file.set_len(e.size).map_err(write_err)?;
+                file.seek(SeekFrom::Start(0)).map_err(write_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn chown(&mut self, e: &Entry, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+        match sys::lchownat(dir, name, e.uid, e.gid) {
+            Ok(()) => Ok(()),
+            Err(err)
+                if self.opts.rootless
+                    && matches!(err.raw_os_error(), Some(libc::EINVAL | libc::EPERM)) =>
+            {
+                self.warn(format!(
+                    "{}: owner {}:{} not mapped, kept as is",
+                    String::from_utf8_lossy(&e.path),
+                    e.uid,
+                    e.gid
+                ));
+                Ok(())
+            }
+            Err(err) => Err(Error::entry(&e.path, "chown", err)),
+        }
+    }
+
+    fn owner_mode(&mut self, e: &Entry, fd: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+        self.chown(e, fd, name)?;
+        // After chown, which clears setuid and setgid.
+        sys::fchmod(fd, e.mode).map_err(|err| Error::entry(&e.path, "chmod", err))
+    }
+
+    fn xattrs(&mut self, e: &Entry, dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+        for (attr, value) in &e.xattrs {
+            let cattr = sys::cstr(attr)
+                .map_err(|_| Error::refused(&e.path, "xattr name contains a NUL byte"))?;
+            let r = if name.is_empty() {
+                sys::fsetxattr(dir, &cattr, value)
+            } else {
+                sys::lsetxattr(dir, name, &cattr, value)
+            };
+            match r {
+                Ok(()) => {}
+                Err(err)
+                    if err.raw_os_error() == Some(libc::ENOTSUP)
+                        || (self.opts.rootless && err.raw_os_error() == Some(libc::EPERM)) =>
+                {
+                    self.warn(format!(
+                        "{}: xattr {} not supported here, skipped",
+                        String::from_utf8_lossy(&e.path),
+                        String::from_utf8_lossy(attr)
+                    ));
+                }
+                Err(err) => return Err(Error::entry(&e.path, "set xattr", err)),
+            }
+        }
+        Ok(())
+    }
+
+    fn dir_meta(&mut self, e: &Entry, fd: BorrowedFd<'_>, rel: Vec<u8>) -> Result<()> {
+        self.owner_mode(e, fd, c"")?;
+        self.xattrs(e, fd, c"")?;
+        self.dirs.push((rel, e.mtime, e.mtime_nsec));
+        Ok(())
+    }
+
+    fn resolve_error(&self, entry: &[u8], err: io::Error) -> Error {
+        match err.raw_os_error() {
+            Some(libc::ELOOP) => Error::refused(entry, "path goes through a symlink"),
+            Some(libc::EXDEV) => Error::refused(entry, "path escapes the target"),
+            Some(libc::ENOTDIR) => Error::refused(entry, "a parent of the path is not a directory"),
+            _ => Error::entry(entry, "resolve parent", err),
+        }
+    }
+
+    /// Opens the parent directory `comps` below the root, creating missing directories the tar
+    /// implies (with metadata from the lowers when they have them).
+    fn parent(&mut self, entry: &[u8], comps: &[&[u8]]) -> Result<OwnedFd> {
+        let key = join(comps);
+        if let Some((k, fd)) = &self.cached {
+            if *k == key {
+                return fd
+                    .try_clone()
+                    .map_err(|err| Error::entry(entry, "dup", err));
+            }
+        }
+        let fd = if comps.is_empty() {
+            self.root
+                .try_clone()
+                .map_err(|err| Error::entry(entry, "dup", err))?
+        } else {
+            let p = sys::cstr(&key).map_err(|err| Error::entry(entry, "name", err))?;
+            match sys::open_beneath(self.root.as_fd(), &p, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
+                Ok(fd) => fd,
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
+                    self.make_parents(entry, comps)?
+                }
+                Err(err) => return Err(self.resolve_error(entry, err)),
+            }
+        };
+        let out = fd
+            .try_clone()
+            .map_err(|err| Error::entry(entry, "dup", err))?;
+        self.cached = Some((key, fd));
+        Ok(out)
+    }
+
+    fn make_parents(&mut self, entry: &[u8], comps: &[&[u8]]) -> Result<OwnedFd> {
+        let mut cur = self
+            .root
+            .try_clone()
+            .map_err(|err| Error::entry(entry, "dup", err))?;
+        for (i, c) in comps.iter().enumerate() {
+            let name = sys::cstr(c).map_err(|err| Error::entry(entry, "name", err))?;
+            let flags = libc::O_DIRECTORY | libc::O_RDONLY | libc::O_NOFOLLOW;
+            let next = match sys::openat(cur.as_fd(), &name, flags, 0) {
+                Ok(fd) => fd,
+                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
+                    let (mode, uid, gid) =
+                        self.lower_dir_meta(&comps[..=i]).unwrap_or((0o755, 0, 0));
+                    sys::mkdirat(cur.as_fd(), &name, 0o700)
+                        .map_err(|err| Error::entry(entry, "create parent dir", err))?;
+                    let fd = sys::openat(cur.as_fd(), &name, flags, 0)
+                        .map_err(|err| Error::entry(entry, "open parent dir", err))?;
+                    if !(self.opts.rootless && (uid, gid) != (0, 0)) {
+                        sys::lchownat(fd.as_fd(), c"", uid, gid)
+                            .map_err(|err| Error::entry(entry, "chown parent dir", err))?;
+                    }
+                    sys::fchmod(fd.as_fd(), mode)
+                        .map_err(|err| Error::entry(entry, "chmod parent dir", err))?;
+                    fd
+                }
+                Err(err) if matches!(err.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                    return Err(self.resolve_error(entry, err));
+                }
+                Err(err) => return Err(Error::entry(entry, "open parent dir", err)),
+            };
+            cur = next;
+        }
+        Ok(cur)
+    }
+
+    fn lower_dir_meta(&self, comps: &[&[u8]]) -> Option<(u32, u32, u32)> {
+        use std::os::unix::ffi::OsStrExt;
+        let rel = std::ffi::OsStr::from_bytes(&join(comps)).to_owned();
+        self.opts.parents.iter().find_map(|lower| {
+            let m = std::fs::symlink_metadata(lower.join(&rel)).ok()?;
+            m.is_dir().then(|| (m.mode() & 0o7777, m.uid(), m.gid()))
+        })
+    }
+
+    /// Removes whatever `name` is (a directory recursively), without following symlinks.
+    fn remove_existing(&mut self, entry: &[u8], dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
+        match sys::unlinkat(dir, name, 0) {
+            Ok(()) => Ok(()),
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(err) if matches!(err.raw_os_error(), Some(libc::EISDIR | libc::EPERM)) => {
+                // A directory: any cached fd may point into it.
+                self.cached = None;
+                remove_tree(dir, name)
+                    .map_err(|err| Error::entry(entry, "remove existing directory", err))
+            }
+            Err(err) => Err(Error::entry(entry, "remove existing", err)),
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        for (rel, sec, nsec) in self.dirs.iter().rev() {
+            let fd = if rel.is_empty() {
+                self.root.try_clone()
+            } else {
+                let p = sys::cstr(rel).map_err(|err| Error::entry(rel, "name", err))?;
+                match sys::open_beneath(
+                    self.root.as_fd(),
+                    &p,
+                    libc::O_DIRECTORY | libc::O_RDONLY,
+                    0,
+                ) {
+                    Err(err)
+                        if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) =>
+                    {
+                        continue;
+                    }
+                    r => r,
+                }
+            }
+            .map_err(|err| Error::entry(rel, "open dir", err))?;
+            sys::lutimesat(fd.as_fd(), c"", *sec, *nsec)
+                .map_err(|err| Error::entry(rel, "set dir times", err))?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes the tree `name` below `dir` without following symlinks.
+pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    let fd = sys::openat(
+        dir,
+        name,
+        libc::O_DIRECTORY | libc::O_RDONLY | libc::O_NOFOLLOW,
+        0,
+    )?;
+    for (child, kind) in sys::read_dir(fd.as_fd())? {
+        let c = sys::cstr(&child)?;
+        if kind == libc::DT_DIR {
+            remove_tree(fd.as_fd(), &c)?;
+        } else {
+            match sys::unlinkat(fd.as_fd(), &c, 0) {
+                Err(e) if e.raw_os_error() == Some(libc::EISDIR) => remove_tree(fd.as_fd(), &c)?,
+                r => r?,
+            }
+        }
+    }
+    sys::unlinkat(dir, name, libc::AT_REMOVEDIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_are_validated() {
+        assert_eq!(components(b"./a//b/").unwrap(), vec![&b"a"[..], b"b"]);
+        assert!(components(b"").unwrap().is_empty());
+        assert!(components(b"/etc").is_err());
+        assert!(components(b"a/../b").is_err());
+        assert!(components(b"a\0b").is_err());
+        assert!(components(&vec![b'a'; 5000]).is_err());
+    }
+}

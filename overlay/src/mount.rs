@@ -1,0 +1,308 @@
+//! Kernel overlay and bind mounts.
+//!
+//! [`Mount`] is containerd's description of a mount (type, source, options), the shape the
+//! snapshotter hands out. [`Overlay`] builds one from a layer stack and mounts it with the new
+//! mount API (`fsopen`/`fsconfig`/`fsmount`/`move_mount`), passing each lower with `lowerdir+`
+//! so hundreds of layers mount without the one-page limit of the old option string. The
+//! kernel's own messages from the filesystem context are part of every mount error.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result, sys};
+
+/// A mount: what containerd's `Mount` message carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Filesystem type: `overlay` or `bind`.
+    pub kind: String,
+    /// Source: `overlay` or the bind source path.
+    pub source: String,
+    /// Options such as `lowerdir=...`, `ro`, `rbind`.
+    pub options: Vec<String>,
+}
+
+/// Overlay mount options beyond the layer dirs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `userxattr`: use `user.overlay.*` (user namespaces).
+    pub userxattr: bool,
+    /// `index=off`, as containerd sets whenever the kernel has the index feature.
+    pub index_off: bool,
+    /// `metacopy=on`: chmod/chown of a lower file copies up metadata only.
+    pub metacopy: bool,
+    /// `redirect_dir=on`: renaming a lower directory records a redirect instead of EXDEV.
+    pub redirect_dir: bool,
+    /// `volatile`: no syncs to the upper; discarded after an unclean shutdown.
+    pub volatile: bool,
+    /// Read-only mount.
+    pub readonly: bool,
+}
+
+/// An overlay of lower layers (top first) with an optional upper and work dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// Lower dirs, top first.
+    pub lowers: Vec<PathBuf>,
+    /// The upper dir; `None` for a read-only view.
+    pub upper: Option<PathBuf>,
+    /// The work dir (same filesystem as the upper).
+    pub work: Option<PathBuf>,
+    /// Extra options.
+    pub options: Options,
+}
+
+impl Overlay {
+    fn check(&self) -> Result<()> {
+        if self.lowers.is_empty() {
+            return Err(Error::Invalid(
+                "an overlay needs at least one lower dir".into(),
+            ));
+        }
+        if self.upper.is_some() != self.work.is_some() {
+            return Err(Error::Invalid("upper and work dirs go together".into()));
+        }
+        Ok(())
+    }
+
+    /// The mount as containerd describes it (`lowerdir=a:b,upperdir=...`).
+    pub fn to_mount(&self) -> Mount {
+        let mut options = Vec::new();
+        if self.options.index_off {
+            options.push("index=off".to_string());
+        }
+        if self.options.userxattr {
+            options.push("userxattr".to_string());
+        }
+        if let (Some(u), Some(w)) = (&self.upper, &self.work) {
+            options.push(format!("workdir={}", w.display()));
+            options.push(format!("upperdir={}", u.display()));
+        }
+        let lowers: Vec<String> = self
+            .lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        options.push(format!("lowerdir={}", lowers.join(":")));
+        if self.options.metacopy {
+            options.push("metacopy=on".to_string());
+        }
+        if self.options.redirect_dir {
+            options.push("redirect_dir=on".to_string());
+        }
+        if self.options.volatile {
+            options.push("volatile".to_string());
+        }
+        if self.options.readonly || self.upper.is_none() {
+            options.push("ro".to_string());
+        }
+        Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }
+    }
+
+    /// Mounts the overlay on `target` with the new mount API.
+    pub fn mount(&self, target: &Path) -> Result<()> {
+        self.check()?;
+        let merr = |op, kernel: String, source| Error::Mount {
+            op,
+            target: target.into(),
+            kernel,
+            err: source,
+        };
+        let fs = sys::fsopen(c"overlay").map_err(|e| merr("fsopen overlay", String::new(), e))?;
+        let set = |key: &std::ffi::CStr, value: &Path| -> Result<()> {
+            let v =
+                sys::os_cstr(value.as_os_str()).map_err(|e| merr("fsconfig", String::new(), e))?;
+            sys::fsconfig_string(fs.as_fd_ref(), key, &v)
+                .map_err(|e| merr("fsconfig", sys::fs_messages(fs.as_fd_ref()), e))
+        };
+        let mut appended = true;
+        for (i, l) in self.lowers.iter().enumerate() {
+            match set(c"lowerdir+", l) {
+                Ok(()) => {}
+                Err(Error::Mount { err, .. })
+                    if i == 0 && err.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    appended = false;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !appended {
+            // Kernels before 6.8 have no `lowerdir+`: fall back to one option string.
+            let joined: Vec<&std::ffi::OsStr> = self.lowers.iter().map(|p| p.as_os_str()).collect();
+            let joined = joined.join(std::ffi::OsStr::new(":"));
+            set(c"lowerdir", Path::new(&joined))?;
+        }
+        if let (Some(u), Some(w)) = (&self.upper, &self.work) {
+            set(c"upperdir", u)?;
+            set(c"workdir", w)?;
+        }
+        let flag = |key: &std::ffi::CStr| {
+            sys::fsconfig_flag(fs.as_fd_ref(), key)
+                .map_err(|e| merr("fsconfig", sys::fs_messages(fs.as_fd_ref()), e))
+        };
+        let string = |key: &std::ffi::CStr, v: &std::ffi::CStr| {
+            sys::fsconfig_string(fs.as_fd_ref(), key, v)
+                .map_err(|e| merr("fsconfig", sys::fs_messages(fs.as_fd_ref()), e))
+        };
+        if self.options.userxattr {
+            flag(c"userxattr")?;
+        }
+        if self.options.index_off {
+            string(c"index", c"off")?;
+        }
+        if self.options.metacopy {
+            string(c"metacopy", c"on")?;
+        }
+        if self.options.redirect_dir {
+            string(c"redirect_dir", c"on")?;
+        }
+        if self.options.volatile {
+            flag(c"volatile")?;
+        }
+        sys::fsconfig_create(fs.as_fd_ref())
+            .map_err(|e| merr("create overlay", sys::fs_messages(fs.as_fd_ref()), e))?;
+        let readonly = self.options.readonly || self.upper.is_none();
+        let mnt = sys::fsmount(fs.as_fd_ref(), readonly)
+            .map_err(|e| merr("fsmount", sys::fs_messages(fs.as_fd_ref()), e))?;
+        let t =
+            sys::os_cstr(target.as_os_str()).map_err(|e| merr("move_mount", String::new(), e))?;
+        sys::move_mount(mnt.as_fd_ref(), &t).map_err(|e| merr("move_mount", String::new(), e))?;
+        tracing::debug!(target = %target.display(), lowers = self.lowers.len(), "mounted overlay");
+        Ok(())
+    }
+}
+
+trait AsFdRef {
+    fn as_fd_ref(&self) -> std::os::fd::BorrowedFd<'_>;
+}
+
+impl AsFdRef for std::os::fd::OwnedFd {
+    fn as_fd_ref(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self)
+    }
+}
+
+impl Mount {
+    /// A recursive bind mount of `source`, read-only when asked.
+    pub fn bind(source: &Path, readonly: bool) -> Mount {
+        Mount {
+            kind: "bind".into(),
+            source: source.display().to_string(),
+            options: vec![if readonly { "ro" } else { "rw" }.into(), "rbind".into()],
+        }
+    }
+
+    /// Parses a containerd overlay mount back into an [`Overlay`].
+    pub fn to_overlay(&self) -> Result<Overlay> {
+        if self.kind != "overlay" {
+            return Err(Error::Invalid(format!(
+                "mount type {:?} is not overlay",
+                self.kind
+            )));
+        }
+        let mut o = Overlay {
+            lowers: Vec::new(),
+            upper: None,
+            work: None,
+            options: Options::default(),
+        };
+        for opt in &self.options {
+            match opt.split_once('=') {
+                Some(("lowerdir", v)) => o.lowers = v.split(':').map(PathBuf::from).collect(),
+                Some(("upperdir", v)) => o.upper = Some(v.into()),
+                Some(("workdir", v)) => o.work = Some(v.into()),
+                Some(("index", "off")) => o.options.index_off = true,
+                Some(("metacopy", "on")) => o.options.metacopy = true,
+                Some(("redirect_dir", "on")) => o.options.redirect_dir = true,
+                None if opt == "userxattr" => o.options.userxattr = true,
+                None if opt == "volatile" => o.options.volatile = true,
+                None if opt == "ro" => o.options.readonly = true,
+                None if opt == "rw" => {}
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "unsupported overlay option {opt:?}"
+                    )));
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// Performs this mount on `target`.
+    pub fn mount(&self, target: &Path) -> Result<()> {
+        match self.kind.as_str() {
+            "overlay" => self.to_overlay()?.mount(target),
+            "bind" => {
+                let merr = |op, source| Error::Mount {
+                    op,
+                    target: target.into(),
+                    kernel: String::new(),
+                    err: source,
+                };
+                let src = sys::cstr(self.source.as_bytes()).map_err(|e| merr("bind", e))?;
+                let t = sys::os_cstr(target.as_os_str()).map_err(|e| merr("bind", e))?;
+                let flags = libc::MS_BIND | libc::MS_REC;
+                sys::mount(&src, &t, None, flags, None).map_err(|e| merr("bind mount", e))?;
+                if self.options.iter().any(|o| o == "ro") {
+                    let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+                    if let Err(e) = sys::mount(c"none", &t, None, ro, None) {
+                        let _ = sys::umount(&t, true);
+                        return Err(merr("remount read-only", e));
+                    }
+                }
+                Ok(())
+            }
+            other => Err(Error::Invalid(format!("unsupported mount type {other:?}"))),
+        }
+    }
+}
+
+/// Unmounts `target` (lazily with `detach`).
+pub fn unmount(target: &Path, detach: bool) -> Result<()> {
+    let t = sys::os_cstr(target.as_os_str()).map_err(|e| Error::io("umount", target, e))?;
+    sys::umount(&t, detach).map_err(|e| Error::Mount {
+        op: "umount",
+        target: target.into(),
+        kernel: String::new(),
+        err: e,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_round_trip() {
+        let o = Overlay {
+            lowers: vec!["/l1".into(), "/l2".into()],
+            upper: Some("/u".into()),
+            work: Some("/w".into()),
+            options: Options {
+                userxattr: true,
+                index_off: true,
+                metacopy: true,
+                redirect_dir: true,
+                volatile: true,
+                readonly: false,
+            },
+        };
+        let m = o.to_mount();
+        assert!(m.options.contains(&"lowerdir=/l1:/l2".to_string()));
+        assert_eq!(m.to_overlay().unwrap(), o);
+        assert!(
+            Mount {
+                kind: "overlay".into(),
+                source: "overlay".into(),
+                options: vec!["bogus".into()]
+            }
+            .to_overlay()
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! The `strata` command line (clap), in Docker's vocabulary where Docker has a word.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Strata: a copy-on-write layer store for containers.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `strata_overlay=debug`.
+    #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]
+    pub log: String,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with layer blobs and layer directories.
+    #[command(subcommand)]
+    Layer(LayerCommand),
+    /// Mount a stack of layers with kernel overlayfs.
+    Mount(MountArgs),
+    /// Unmount a mount point.
+    Umount {
+        /// The mount point.
+        merged: PathBuf,
+        /// Detach lazily (MNT_DETACH) if it is busy.
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Show what the kernel's overlayfs supports here.
+    Info {
+        /// Directory on the backing filesystem to probe (default: the current directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Walk through a layer's lifecycle on an embedded base layer.
+    Demo {
+        /// Keep the demo's directory instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// `strata layer ...`
+#[derive(Debug, Subcommand)]
+pub enum LayerCommand {
+    /// Apply an OCI layer blob (tar, tar+gzip, tar+zstd) into a new directory, in overlayfs' form.
+    Apply(ApplyArgs),
+    /// Write a layer blob: natively from an overlay upper dir, or between two trees.
+    Diff(DiffArgs),
+    /// List changes like `docker diff` (A added, C changed, D deleted).
+    Changes(ChangesArgs),
+}
+
+/// `strata layer apply`
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The layer blob.
+    pub blob: PathBuf,
+    /// The directory to create (must not exist, or be empty).
+    pub dir: PathBuf,
+    /// Rootless form: `user.overlay.opaque`, devices skipped, unmapped owners kept.
+    #[arg(long)]
+    pub rootless: bool,
+    /// Expected diffID (sha256 of the uncompressed tar).
+    #[arg(long, value_name = "sha256:..")]
+    pub diff_id: Option<String>,
+    /// Expected blob digest.
+    #[arg(long, value_name = "sha256:..")]
+    pub digest: Option<String>,
+    /// Cap on the uncompressed size, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub max_size: Option<u64>,
+    /// Lower layers, top first, separated by ':' (metadata of directories the tar implies).
+    #[arg(long, value_name = "L1:L2:..")]
+    pub parents: Option<String>,
+    /// Skip the final syncfs.
+    #[arg(long)]
+    pub no_sync: bool,
+}
+
+/// `strata layer diff`
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// An overlay upper dir (native diff).
+    #[arg(required_unless_present = "upper", conflicts_with_all = ["lower", "upper"])]
+    pub upper_dir: Option<PathBuf>,
+    /// Lower tree of a generic diff.
+    #[arg(long, requires = "upper")]
+    pub lower: Option<PathBuf>,
+    /// Upper tree of a generic diff.
+    #[arg(long, requires = "lower")]
+    pub upper: Option<PathBuf>,
+    /// Lower layers of the upper dir, top first, separated by ':' (needed for uppers mounted
+    /// with redirect_dir or metacopy).
+    #[arg(long, value_name = "L1:L2:..")]
+    pub lowers: Option<String>,
+    /// Output file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Compression: none, gzip or zstd.
+    #[arg(long, default_value = "gzip")]
+    pub compress: String,
+    /// zstd worker threads.
+    #[arg(long, default_value_t = 0)]
+    pub threads: u32,
+}
+
+/// `strata layer changes`
+#[derive(Debug, Args)]
+pub struct ChangesArgs {
+    /// An overlay upper dir.
+    #[arg(required_unless_present = "upper", conflicts_with_all = ["lower", "upper"])]
+    pub upper_dir: Option<PathBuf>,
+    /// Lower layers of the upper dir, top first, separated by ':' (tells added from changed).
+    #[arg(long, value_name = "L1:L2:..")]
+    pub lowers: Option<String>,
+    /// Lower tree (compare two trees).
+    #[arg(long, requires = "upper")]
+    pub lower: Option<PathBuf>,
+    /// Upper tree (compare two trees).
+    #[arg(long, requires = "lower")]
+    pub upper: Option<PathBuf>,
+}
+
+/// `strata mount`
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Lower layers, top first, separated by ':'.
+    #[arg(long, value_name = "L1:L2:..")]
+    pub lower: String,
+    /// Upper dir (omit for a read-only mount).
+    #[arg(long, requires = "work")]
+    pub upper: Option<PathBuf>,
+    /// Work dir, on the upper's filesystem.
+    #[arg(long, requires = "upper")]
+    pub work: Option<PathBuf>,
+    /// Mount point.
+    pub merged: PathBuf,
+    /// Use the user.overlay.* xattrs (automatic in a user namespace).
+    #[arg(long)]
+    pub userxattr: bool,
+    /// Turn off metacopy=on and redirect_dir=on even where the kernel has them.
+    #[arg(long)]
+    pub compat: bool,
+    /// Mount with `volatile` (no syncs to the upper).
+    #[arg(long)]
+    pub volatile: bool,
+    /// Read-only.
+    #[arg(long)]
+    pub ro: bool,
+}
+
+/// Splits a ':'-separated list of paths.
+pub fn split_paths(s: &str) -> Vec<PathBuf> {
+    s.split(':')
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}

@@ -1,0 +1,13 @@
+//! # strata-runtime: the daemonless runtime and the `strata` CLI
+//!
+//! This crate owns the `strata` command line. Today it drives the layer format (apply, diff,
+//! change lists), kernel overlay mounts and feature probing, plus the `demo` walk through a
+//! layer's lifecycle; the image store, containers and volumes come with the runtime issue.
+//!
+//! # Layout
+//! - `cli/`: clap definitions, turned into validated options before anything is touched.
+//! - [`demo`]: the main job on an embedded default image.
+//! - `main.rs`: dispatch, errors with context (anyhow).
+#![deny(unsafe_code)]
+
+pub mod demo;

@@ -1,0 +1,222 @@
+//! `strata`: the command line.
+
+mod cli;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use strata_overlay::diff::{self, DiffOptions, LowerView};
+use strata_overlay::mount::{Options, Overlay, unmount};
+use strata_overlay::{ApplyOptions, Compression, Digest, XattrNs, apply_file, probe};
+
+use cli::{Cli, Command, LayerCommand, split_paths};
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("strata: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Layer(LayerCommand::Apply(a)) => layer_apply(a),
+        Command::Layer(LayerCommand::Diff(a)) => layer_diff(a),
+        Command::Layer(LayerCommand::Changes(a)) => layer_changes(a),
+        Command::Mount(a) => mount(a),
+        Command::Umount { merged, lazy } => {
+            unmount(&merged, lazy).with_context(|| format!("unmounting {}", merged.display()))
+        }
+        Command::Info { dir } => info(dir),
+        Command::Demo { keep } => strata_runtime::demo::run(keep, &mut std::io::stdout()),
+    }
+}
+
+fn parse_digest(s: Option<&str>, what: &str) -> Result<Option<Digest>> {
+    s.map(|s| s.parse::<Digest>().with_context(|| format!("--{what}")))
+        .transpose()
+}
+
+fn layer_apply(a: cli::ApplyArgs) -> Result<()> {
+    let mut opts = if a.rootless {
+        ApplyOptions::rootless()
+    } else {
+        ApplyOptions::default()
+    };
+    opts.expected_diff_id = parse_digest(a.diff_id.as_deref(), "diff-id")?;
+    opts.expected_digest = parse_digest(a.digest.as_deref(), "digest")?;
+    if let Some(m) = a.max_size {
+        opts.max_size = m;
+    }
+    opts.parents = a.parents.as_deref().map(split_paths).unwrap_or_default();
+    opts.sync = !a.no_sync;
+    let r = apply_file(&a.blob, &a.dir, &opts)
+        .with_context(|| format!("applying {} into {}", a.blob.display(), a.dir.display()))?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("diffID: {}", r.diff_id);
+    println!("digest: {}", r.digest);
+    println!(
+        "compression: {}, {} entries, {} bytes uncompressed",
+        r.compression, r.entries, r.uncompressed
+    );
+    Ok(())
+}
+
+/// Writes through a temp file beside `out`, renamed into place only on success.
+fn write_atomically<T>(
+    out: &Path,
+    f: impl FnOnce(BufWriter<File>) -> Result<(T, BufWriter<File>)>,
+) -> Result<T> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("{}: not a file path", out.display()))?;
+    let tmp = out.with_file_name(format!(
+        ".{}.partial-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = f(BufWriter::with_capacity(1 << 20, file)).and_then(|(v, mut w)| {
+        w.flush()?;
+        w.get_ref().sync_all()?;
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
+        Ok(v)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn layer_diff(a: cli::DiffArgs) -> Result<()> {
+    let compression: Compression = a.compress.parse()?;
+    let opts = DiffOptions {
+        compression,
+        threads: a.threads,
+        lowers: a.lowers.as_deref().map(split_paths).unwrap_or_default(),
+    };
+    let report = write_atomically(&a.output, |w| {
+        Ok(match (&a.upper_dir, &a.lower, &a.upper) {
+            (Some(upper), _, _) => diff::native(upper, w, &opts)
+                .with_context(|| format!("diffing upper {}", upper.display()))?,
+            (None, Some(l), Some(u)) => diff::generic(l, u, w, &opts)
+                .with_context(|| format!("diffing {} against {}", u.display(), l.display()))?,
+            _ => bail!("give an upper dir, or --lower and --upper"),
+        })
+    })?;
+    println!("diffID: {}", report.diff_id);
+    println!("digest: {}", report.digest);
+    println!(
+        "compression: {}, {} entries, {} bytes ({} uncompressed)",
+        report.compression, report.entries, report.size, report.uncompressed
+    );
+    Ok(())
+}
+
+fn layer_changes(a: cli::ChangesArgs) -> Result<()> {
+    let changes = match (&a.upper_dir, &a.lower, &a.upper) {
+        (Some(upper), _, _) => {
+            let lowers = LowerView::new(a.lowers.as_deref().map(split_paths).unwrap_or_default());
+            diff::changes_native(upper, &lowers)
+                .with_context(|| format!("listing changes of {}", upper.display()))?
+        }
+        (None, Some(l), Some(u)) => diff::changes_generic(l, u)
+            .with_context(|| format!("comparing {} with {}", u.display(), l.display()))?,
+        _ => bail!("give an upper dir, or --lower and --upper"),
+    };
+    let mut out = std::io::stdout().lock();
+    for c in changes {
+        writeln!(out, "{c}")?;
+    }
+    Ok(())
+}
+
+fn mount(a: cli::MountArgs) -> Result<()> {
+    let probe_dir = a.upper.clone().unwrap_or_else(|| {
+        PathBuf::from(split_paths(&a.lower).first().cloned().unwrap_or_default())
+    });
+    let features = probe::probe(probe_dir.parent().unwrap_or(Path::new("/tmp")));
+    let mut options: Options = if a.compat {
+        Options {
+            metacopy: false,
+            redirect_dir: false,
+            ..features.options()
+        }
+    } else {
+        features.options()
+    };
+    options.userxattr |= a.userxattr;
+    options.volatile = a.volatile;
+    options.readonly = a.ro;
+    let o = Overlay {
+        lowers: split_paths(&a.lower),
+        upper: a.upper,
+        work: a.work,
+        options,
+    };
+    o.mount(&a.merged)
+        .with_context(|| format!("mounting overlay on {}", a.merged.display()))?;
+    Ok(())
+}
+
+fn info(dir: Option<PathBuf>) -> Result<()> {
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::current_dir()?,
+    };
+    let f = probe::probe(&dir);
+    println!("Storage Driver: strata (kernel overlayfs)");
+    println!("{f}");
+    let o = f.options();
+    println!(
+        " Mount Options: {}",
+        Overlay {
+            lowers: vec!["L".into()],
+            upper: None,
+            work: None,
+            options: o
+        }
+        .to_mount()
+        .options
+        .iter()
+        .filter(|s| !s.starts_with("lowerdir") && *s != "ro")
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",")
+    );
+    println!(" Native Diff: true (follows redirect_dir and metacopy)");
+    println!(
+        " Opaque Xattr: {}",
+        if f.in_userns {
+            XattrNs::User
+        } else {
+            XattrNs::Trusted
+        }
+    );
+    println!(" Rootless: {}", f.in_userns || nix_euid() != 0);
+    Ok(())
+}
+
+fn nix_euid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
