@@ -279,6 +279,8 @@ struct Applier<'o> {
     dirs: Vec<(Vec<u8>, i64, u32)>,
     /// The last parent directory opened, by path.
     cached: Option<(Vec<u8>, OwnedFd)>,
+    /// Directories this layer marked opaque.
+    opaque: std::collections::HashSet<Vec<u8>>,
     entries: u64,
     warnings: Vec<String>,
     buf: Vec<u8>,
@@ -291,6 +293,7 @@ impl<'o> Applier<'o> {
             opts,
             dirs: Vec::new(),
             cached: None,
+            opaque: Default::default(),
             entries: 0,
             warnings: Vec::new(),
             buf: vec![0; 256 << 10],
@@ -327,6 +330,23 @@ impl<'o> Applier<'o> {
                 let attr = self.opts.xattr_ns.opaque();
                 sys::fsetxattr(dir.as_fd(), attr, whiteout::OPAQUE_VALUE)
                     .map_err(|err| Error::entry(&e.path, "set opaque xattr", err))?;
+                // Whiteouts this layer put in the directory before the marker now hide nothing,
+                // and the kernel would list them in a directory without lowers.
+                for (child, kind) in sys::read_dir(dir.as_fd())
+                    .map_err(|err| Error::entry(&e.path, "read dir", err))?
+                {
+                    if kind == libc::DT_CHR {
+                        let c =
+                            sys::cstr(&child).map_err(|err| Error::entry(&e.path, "name", err))?;
+                        if sys::lstatat(dir.as_fd(), &c)
+                            .is_ok_and(|st| whiteout::is_whiteout_stat(&st))
+                        {
+                            sys::unlinkat(dir.as_fd(), &c, 0)
+                                .map_err(|err| Error::entry(&e.path, "remove whiteout", err))?;
+                        }
+                    }
+                }
+                self.opaque.insert(join(parent));
                 return Ok(());
             }
             Marker::Whiteout(name) => {
@@ -339,6 +359,10 @@ impl<'o> Applier<'o> {
                 let dir = self.parent(&e.path, parent)?;
                 let cname = sys::cstr(name).map_err(|err| Error::entry(&e.path, "name", err))?;
                 self.remove_existing(&e.path, dir.as_fd(), &cname)?;
+                if self.opaque.contains(&join(parent)) {
+                    // In a directory this layer made opaque there is nothing below to hide.
+                    return Ok(());
+                }
                 sys::mknodat(dir.as_fd(), &cname, libc::S_IFCHR, 0)
                     .map_err(|err| Error::entry(&e.path, "create whiteout (char 0:0)", err))?;
                 return Ok(());

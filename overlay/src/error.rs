@@ -94,13 +94,13 @@ pub enum Error {
         feature: &'static str,
     },
     /// A mount or unmount failed.
-    #[error("{op} {}: {err}{}", target.display(), if kernel.is_empty() { String::new() } else { format!(" (kernel: {kernel})") })]
+    #[error("{op} {}: {err}{}", target.display(), if kernel.is_empty() { String::new() } else { format!(" ({kernel})") })]
     Mount {
         /// The syscall or step.
         op: &'static str,
         /// The mount point.
         target: PathBuf,
-        /// Messages the kernel left in the filesystem context.
+        /// What the kernel said in the filesystem context, or else the option that failed.
         kernel: String,
         /// The underlying error.
         err: io::Error,

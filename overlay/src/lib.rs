@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //! - [`archive`]: a strict streaming tar reader and a deterministic tar writer.
-//! - [`apply`]: OCI layer blob (tar, gzip, zstd) -> layer directory, safely and atomically.
+//! - [`mod@apply`]: OCI layer blob (tar, gzip, zstd) -> layer directory, safely and atomically.
 //! - [`diff`]: layer directory (native) or two trees (generic) -> OCI layer blob; change lists.
 //! - [`whiteout`]: the OCI and overlayfs encodings of deletions, with their specs.
 //! - [`digest`], [`compress`]: sha256 digests and compression.

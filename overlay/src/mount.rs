@@ -115,8 +115,13 @@ impl Overlay {
         let set = |key: &std::ffi::CStr, value: &Path| -> Result<()> {
             let v =
                 sys::os_cstr(value.as_os_str()).map_err(|e| merr("fsconfig", String::new(), e))?;
-            sys::fsconfig_string(fs.as_fd_ref(), key, &v)
-                .map_err(|e| merr("fsconfig", sys::fs_messages(fs.as_fd_ref()), e))
+            sys::fsconfig_string(fs.as_fd_ref(), key, &v).map_err(|e| {
+                let mut said = sys::fs_messages(fs.as_fd_ref());
+                if said.is_empty() {
+                    said = format!("{}={}", key.to_string_lossy(), value.display());
+                }
+                merr("fsconfig", said, e)
+            })
         };
         let mut appended = true;
         for (i, l) in self.lowers.iter().enumerate() {
@@ -164,8 +169,14 @@ impl Overlay {
         if self.options.volatile {
             flag(c"volatile")?;
         }
-        sys::fsconfig_create(fs.as_fd_ref())
-            .map_err(|e| merr("create overlay", sys::fs_messages(fs.as_fd_ref()), e))?;
+        let log = KernelLog::here();
+        sys::fsconfig_create(fs.as_fd_ref()).map_err(|e| {
+            let mut said = sys::fs_messages(fs.as_fd_ref());
+            if said.is_empty() {
+                said = log.overlay_lines();
+            }
+            merr("create overlay", said, e)
+        })?;
         let readonly = self.options.readonly || self.upper.is_none();
         let mnt = sys::fsmount(fs.as_fd_ref(), readonly)
             .map_err(|e| merr("fsmount", sys::fs_messages(fs.as_fd_ref()), e))?;
@@ -271,6 +282,52 @@ pub fn unmount(target: &Path, detach: bool) -> Result<()> {
         kernel: String::new(),
         err: e,
     })
+}
+
+/// A position in the kernel log (`/dev/kmsg`), to collect what overlayfs logs during a mount:
+/// most of its refusals go there (`pr_err`) rather than into the filesystem context.
+struct KernelLog(Option<std::fs::File>);
+
+impl KernelLog {
+    /// Opens the log at its current end; `None` inside (when not readable, as for non-root).
+    fn here() -> Self {
+        use std::io::Seek;
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg");
+        KernelLog(
+            f.ok()
+                .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)).ok().map(|_| f)),
+        )
+    }
+
+    /// The overlayfs lines logged since [`KernelLog::here`].
+    fn overlay_lines(self) -> String {
+        use std::io::Read;
+        let Some(mut f) = self.0 else {
+            return String::new();
+        };
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        // Each read returns one record; EAGAIN at the end. Bounded in case of a log flood.
+        for _ in 0..256 {
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let rec = String::from_utf8_lossy(&buf[..n]);
+                    if let Some((_, msg)) = rec.split_once(';') {
+                        let msg = msg.lines().next().unwrap_or("").trim();
+                        if msg.starts_with("overlayfs:") || msg.starts_with("overlay:") {
+                            out.push(msg.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        out.join("; ")
+    }
 }
 
 #[cfg(test)]

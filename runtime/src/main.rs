@@ -144,9 +144,10 @@ fn layer_changes(a: cli::ChangesArgs) -> Result<()> {
 }
 
 fn mount(a: cli::MountArgs) -> Result<()> {
-    let probe_dir = a.upper.clone().unwrap_or_else(|| {
-        PathBuf::from(split_paths(&a.lower).first().cloned().unwrap_or_default())
-    });
+    let probe_dir = a
+        .upper
+        .clone()
+        .unwrap_or_else(|| split_paths(&a.lower).first().cloned().unwrap_or_default());
     let features = probe::probe(probe_dir.parent().unwrap_or(Path::new("/tmp")));
     let mut options: Options = if a.compat {
         Options {

@@ -143,7 +143,14 @@ impl<W: Write> Native<W> {
         let cname = sys::cstr(name).map_err(|e| self.err("name", &path, e))?;
         let st = sys::lstatat(dir, &cname).map_err(|e| self.err("lstat", &path, e))?;
         if whiteout::is_whiteout_stat(&st) {
-            return self.emit(&entry::whiteout(rel, name), None);
+            // A whiteout only means something over lower content at this very path. Inside an
+            // opaque or relocated directory (written as opaque) it must not be written: the
+            // kernel lists whiteouts in directories that have no lower, so it would show up as
+            // a name that cannot be looked up.
+            if lower.is_some() && !relocated {
+                return self.emit(&entry::whiteout(rel, name), None);
+            }
+            return Ok(());
         }
         let Some(e) = entry::read(dir, &cname, &st, path.clone())
             .map_err(|e| self.err("read metadata", &path, e))?

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every check and test of Strata, on a fresh Debian bookworm machine, as root.
+# Installs what it needs (Debian packages) first; a missing prerequisite fails loudly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/test-all.sh: run as root (the tests mount overlays, chown, mknod; apt-get installs tools)" >&2
+  exit 1
+fi
+
+# Real tools the tests run: umoci and skopeo (image interop), GNU tar (sparse archives, bench
+# reference), attr (getfattr for debugging), kmod (overlay module).
+packages=(umoci skopeo tar attr kmod)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+grep -qw overlay /proc/filesystems || modprobe overlay || {
+  echo "scripts/test-all.sh: kernel overlayfs is not available" >&2
+  exit 1
+}
+
+export CARGO_TERM_COLOR=never
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo doc -D warnings"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+echo "== fuzz targets build"
+(cd fuzz && cargo check --quiet --bins)
+echo "== strata demo"
+cargo build --release --quiet -p strata-runtime
+./target/release/strata demo
+echo "== cargo test"
+cargo test --workspace --no-fail-fast
