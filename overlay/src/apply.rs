@@ -39,9 +39,12 @@ pub struct ApplyOptions {
     pub expected_digest: Option<Digest>,
     /// Cap on the uncompressed size.
     pub max_size: u64,
-    /// Lower layers (top first): directories the tar implies but does not contain get their
-    /// mode and owner from the topmost lower that has them, as containerd does.
-    pub parents: Vec<PathBuf>,
+    /// The complete stack of lower layers this layer will sit on (top first; empty for a bottom
+    /// layer), when known. Directories the tar implies but does not contain then get their mode
+    /// and owner from the topmost lower that has them, as containerd does, and whiteouts of
+    /// paths no lower has are dropped: the kernel lists a whiteout with nothing below it as a
+    /// name that cannot be looked up. `None`: unknown, every whiteout is kept.
+    pub parents: Option<Vec<PathBuf>>,
     /// `syncfs` the target before returning, so an acknowledged apply survives a crash.
     pub sync: bool,
 }
@@ -54,7 +57,7 @@ impl Default for ApplyOptions {
             expected_diff_id: None,
             expected_digest: None,
             max_size: DEFAULT_MAX_SIZE,
-            parents: Vec::new(),
+            parents: None,
             sync: true,
         }
     }
@@ -281,6 +284,8 @@ struct Applier<'o> {
     cached: Option<(Vec<u8>, OwnedFd)>,
     /// Directories this layer marked opaque.
     opaque: std::collections::HashSet<Vec<u8>>,
+    /// The merged view of the known lowers, opened on first use.
+    lowers: Option<crate::diff::LowerView>,
     entries: u64,
     warnings: Vec<String>,
     buf: Vec<u8>,
@@ -294,6 +299,7 @@ impl<'o> Applier<'o> {
             dirs: Vec::new(),
             cached: None,
             opaque: Default::default(),
+            lowers: None,
             entries: 0,
             warnings: Vec::new(),
             buf: vec![0; 256 << 10],
@@ -359,8 +365,9 @@ impl<'o> Applier<'o> {
                 let dir = self.parent(&e.path, parent)?;
                 let cname = sys::cstr(name).map_err(|err| Error::entry(&e.path, "name", err))?;
                 self.remove_existing(&e.path, dir.as_fd(), &cname)?;
-                if self.opaque.contains(&join(parent)) {
-                    // In a directory this layer made opaque there is nothing below to hide.
+                if self.opaque.contains(&join(parent)) || !self.in_lowers(&e.path, &[parent, &[name]].concat())? {
+                    // Nothing below to hide: in a directory this layer made opaque, or a path
+                    // none of the (known) lowers has.
                     return Ok(());
                 }
                 sys::mknodat(dir.as_fd(), &cname, libc::S_IFCHR, 0)
@@ -716,10 +723,30 @@ impl<'o> Applier<'o> {
         Ok(cur)
     }
 
+    /// False only when the lowers are known and none has `comps`.
+    fn in_lowers(&mut self, entry: &[u8], comps: &[&[u8]]) -> Result<bool> {
+        let Some(parents) = &self.opts.parents else {
+            return Ok(true);
+        };
+        if parents.is_empty() {
+            return Ok(false);
+        }
+        let view = self
+            .lowers
+            .get_or_insert_with(|| crate::diff::LowerView::new(parents.clone()));
+        match view.lookup(&join(comps)) {
+            Ok(found) => Ok(found.is_some()),
+            Err(e) => Err(Error::refused(
+                entry,
+                format!("looking it up in the lowers: {e}"),
+            )),
+        }
+    }
+
     fn lower_dir_meta(&self, comps: &[&[u8]]) -> Option<(u32, u32, u32)> {
         use std::os::unix::ffi::OsStrExt;
         let rel = std::ffi::OsStr::from_bytes(&join(comps)).to_owned();
-        self.opts.parents.iter().find_map(|lower| {
+        self.opts.parents.iter().flatten().find_map(|lower| {
             let m = std::fs::symlink_metadata(lower.join(&rel)).ok()?;
             m.is_dir().then(|| (m.mode() & 0o7777, m.uid(), m.gid()))
         })

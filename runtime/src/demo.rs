@@ -114,6 +114,7 @@ fn steps(dir: &Path, out: &mut dyn Write) -> Result<()> {
         ApplyOptions::default()
     };
     aopts.sync = false;
+    aopts.parents = Some(Vec::new());
     let r = apply(&blob[..], &base, &aopts).context("applying the base layer")?;
     writeln!(
         out,
@@ -188,6 +189,7 @@ fn steps(dir: &Path, out: &mut dyn Write) -> Result<()> {
         &ApplyOptions {
             expected_digest: Some(d.digest),
             expected_diff_id: Some(d.diff_id),
+            parents: Some(vec![base.clone()]),
             ..aopts
         },
     )?;

@@ -58,7 +58,11 @@ fn layer_apply(a: cli::ApplyArgs) -> Result<()> {
     if let Some(m) = a.max_size {
         opts.max_size = m;
     }
-    opts.parents = a.parents.as_deref().map(split_paths).unwrap_or_default();
+    opts.parents = match (&a.parents, a.bottom) {
+        (Some(p), _) => Some(split_paths(p)),
+        (None, true) => Some(Vec::new()),
+        (None, false) => None,
+    };
     opts.sync = !a.no_sync;
     let r = apply_file(&a.blob, &a.dir, &opts)
         .with_context(|| format!("applying {} into {}", a.blob.display(), a.dir.display()))?;

@@ -262,7 +262,7 @@ fn implied_parents_take_metadata_from_the_lowers() {
     let target = t.path().join("layer");
     let blob = Tar::new().file("etc/app/conf", b"c").bytes();
     let opts = ApplyOptions {
-        parents: vec![lower],
+        parents: Some(vec![lower]),
         ..Default::default()
     };
     apply(&blob[..], &target, &opts).unwrap();
@@ -364,4 +364,54 @@ fn tar_crate_layers_apply() {
     let target = t.path().join("layer");
     apply(&blob[..], &target, &ApplyOptions::default()).unwrap();
     assert_eq!(std::fs::read(target.join(&long)).unwrap(), b"abc");
+}
+
+#[test]
+fn whiteouts_with_nothing_below_are_dropped_when_the_lowers_are_known() {
+    require(Prereq::Root);
+    let t = scratch();
+    let lower = t.path().join("lower");
+    std::fs::create_dir_all(lower.join("etc")).unwrap();
+    std::fs::write(lower.join("etc/present"), b"p").unwrap();
+    let blob = Tar::new()
+        .file("etc/.wh.present", b"")
+        .file("etc/.wh.absent", b"")
+        .bytes();
+    let known = t.path().join("known");
+    apply(
+        &blob[..],
+        &known,
+        &ApplyOptions {
+            parents: Some(vec![lower]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        std::fs::symlink_metadata(known.join("etc/present"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert!(
+        std::fs::symlink_metadata(known.join("etc/absent")).is_err(),
+        "a whiteout hiding nothing was kept"
+    );
+    let bottom = t.path().join("bottom");
+    apply(
+        &blob[..],
+        &bottom,
+        &ApplyOptions {
+            parents: Some(vec![]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(support::listing(&bottom), vec!["etc"]);
+    let unknown = t.path().join("unknown");
+    apply(&blob[..], &unknown, &ApplyOptions::default()).unwrap();
+    assert_eq!(
+        support::listing(&unknown),
+        vec!["etc", "etc/absent", "etc/present"]
+    );
 }

@@ -76,9 +76,14 @@ pub struct ApplyArgs {
     /// Cap on the uncompressed size, in bytes.
     #[arg(long, value_name = "BYTES")]
     pub max_size: Option<u64>,
-    /// Lower layers, top first, separated by ':' (metadata of directories the tar implies).
-    #[arg(long, value_name = "L1:L2:..")]
+    /// The complete stack of lower layers this one will sit on, top first, separated by ':'.
+    /// Implied directories take their metadata from them, and whiteouts that hide nothing are
+    /// dropped.
+    #[arg(long, value_name = "L1:L2:..", conflicts_with = "bottom")]
     pub parents: Option<String>,
+    /// This is a bottom layer (no parents): whiteouts in it hide nothing and are dropped.
+    #[arg(long)]
+    pub bottom: bool,
     /// Skip the final syncfs.
     #[arg(long)]
     pub no_sync: bool,

@@ -1,0 +1,390 @@
+//! `strata layer`, `mount`, `umount`, `info` and `demo` through the real binary, success and
+//! failure paths, as root and rootless (uid 65534 in a user namespace).
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn strata() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+}
+
+fn require_root() {
+    let uid = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert!(
+        uid.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+        "these tests need root: run the suite as root"
+    );
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(cmd: &mut Command, want: &str) -> Output {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    assert!(
+        err.contains("strata: error:") && err.contains(want),
+        "{cmd:?}: stderr {err:?} does not say {want:?}"
+    );
+    out
+}
+
+fn scratch() -> tempfile::TempDir {
+    std::fs::create_dir_all("/var/tmp").unwrap();
+    tempfile::Builder::new()
+        .prefix("strata-cli-")
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+fn field(out: &str, name: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no {name} in {out}"))
+        .to_string()
+}
+
+/// A gzip layer made by GNU tar from a small tree.
+fn gnu_layer(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::create_dir_all(src.join("app/data")).unwrap();
+    std::fs::write(src.join("etc/hosts"), b"127.0.0.1 localhost\n").unwrap();
+    std::fs::write(src.join("app/data/one"), b"1").unwrap();
+    std::fs::write(src.join("app/run.sh"), b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(
+        src.join("app/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let blob = dir.join("base.tar.gz");
+    ok(Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .arg("-czf")
+        .arg(&blob)
+        .arg("."));
+    blob
+}
+
+fn sha256(p: &Path) -> String {
+    let out = ok(Command::new("sha256sum").arg(p));
+    format!("sha256:{}", out.split_whitespace().next().unwrap())
+}
+
+#[test]
+fn apply_mount_change_diff_and_apply_again() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    let blob = gnu_layer(d);
+    let base = d.join("base");
+    let out = ok(strata()
+        .args(["layer", "apply", "--bottom"])
+        .arg(&blob)
+        .arg(&base));
+    assert_eq!(field(&out, "digest"), sha256(&blob));
+    // Expected digests are checked.
+    let again = d.join("again");
+    ok(strata()
+        .args(["layer", "apply"])
+        .arg(&blob)
+        .arg(&again)
+        .args([
+            "--digest",
+            &field(&out, "digest"),
+            "--diff-id",
+            &field(&out, "diffID"),
+        ]));
+
+    let (upper, work, merged) = (d.join("upper"), d.join("work"), d.join("merged"));
+    for p in [&upper, &work, &merged] {
+        std::fs::create_dir(p).unwrap();
+    }
+    ok(strata()
+        .arg("mount")
+        .arg("--lower")
+        .arg(&base)
+        .arg("--upper")
+        .arg(&upper)
+        .arg("--work")
+        .arg(&work)
+        .arg(&merged));
+    std::fs::write(merged.join("etc/hosts"), b"changed\n").unwrap();
+    std::fs::remove_file(merged.join("app/run.sh")).unwrap();
+    std::fs::rename(merged.join("app/data"), merged.join("app/moved")).unwrap();
+    std::fs::write(merged.join("new"), b"n").unwrap();
+    ok(strata().arg("umount").arg(&merged));
+
+    let changes = ok(strata()
+        .args(["layer", "changes"])
+        .arg(&upper)
+        .arg("--lowers")
+        .arg(&base));
+    for line in [
+        "C /etc",
+        "C /etc/hosts",
+        "D /app/run.sh",
+        "D /app/data",
+        "A /app/moved",
+        "A /new",
+    ] {
+        assert!(
+            changes.lines().any(|l| l == line),
+            "missing {line:?} in:\n{changes}"
+        );
+    }
+
+    let layer = d.join("layer.tar.zst");
+    let out = ok(strata()
+        .args(["layer", "diff"])
+        .arg(&upper)
+        .arg("-o")
+        .arg(&layer)
+        .args(["--compress", "zstd", "--threads", "2", "--lowers"])
+        .arg(&base));
+    assert_eq!(field(&out, "digest"), sha256(&layer));
+    let l2 = d.join("l2");
+    ok(strata()
+        .args(["layer", "apply"])
+        .arg(&layer)
+        .arg(&l2)
+        .arg("--parents")
+        .arg(&base)
+        .args(["--digest", &field(&out, "digest")]));
+    let view = d.join("view");
+    std::fs::create_dir(&view).unwrap();
+    ok(strata()
+        .arg("mount")
+        .arg("--ro")
+        .arg("--lower")
+        .arg(format!("{}:{}", l2.display(), base.display()))
+        .arg(&view));
+    let hosts = std::fs::read(view.join("etc/hosts"));
+    let moved = std::fs::read(view.join("app/moved/one"));
+    let gone = view.join("app/run.sh").exists() || view.join("app/data").exists();
+    let generic_out = d.join("generic.tar");
+    let g = strata()
+        .args(["layer", "diff", "--lower"])
+        .arg(&base)
+        .arg("--upper")
+        .arg(&view)
+        .arg("-o")
+        .arg(&generic_out)
+        .args(["--compress", "none"])
+        .output()
+        .unwrap();
+    let gchanges = strata()
+        .args(["layer", "changes", "--lower"])
+        .arg(&base)
+        .arg("--upper")
+        .arg(&view)
+        .output()
+        .unwrap();
+    ok(strata().arg("umount").arg(&view));
+    assert_eq!(hosts.unwrap(), b"changed\n");
+    assert_eq!(moved.unwrap(), b"1");
+    assert!(!gone);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let gchanges = String::from_utf8(gchanges.stdout).unwrap();
+    assert!(
+        gchanges.lines().any(|l| l == "D /app/run.sh")
+            && gchanges.lines().any(|l| l == "A /app/moved/one"),
+        "{gchanges}"
+    );
+    // The generic diff applies over the base to the same result.
+    let l3 = d.join("l3");
+    ok(strata()
+        .args(["layer", "apply"])
+        .arg(&generic_out)
+        .arg(&l3)
+        .arg("--parents")
+        .arg(&base));
+    assert_eq!(std::fs::read(l3.join("etc/hosts")).unwrap(), b"changed\n");
+}
+
+#[test]
+fn failures_are_clear_and_leave_nothing() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    let junk = d.join("junk.tar");
+    std::fs::write(&junk, vec![0x42u8; 2048]).unwrap();
+    fails(
+        strata()
+            .args(["layer", "apply"])
+            .arg(&junk)
+            .arg(d.join("x")),
+        "checksum",
+    );
+    fails(
+        strata()
+            .args(["layer", "apply"])
+            .arg(d.join("missing.tar"))
+            .arg(d.join("x")),
+        "missing.tar",
+    );
+    let blob = gnu_layer(d);
+    fails(
+        strata()
+            .args(["layer", "apply"])
+            .arg(&blob)
+            .arg(d.join("x"))
+            .args(["--digest", "sha256:1234"]),
+        "invalid digest",
+    );
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    fails(
+        strata()
+            .args(["layer", "apply"])
+            .arg(&blob)
+            .arg(d.join("x"))
+            .args(["--digest", &wrong]),
+        "digest mismatch",
+    );
+    assert!(!d.join("x").exists());
+    std::fs::create_dir(d.join("full")).unwrap();
+    std::fs::write(d.join("full/keep"), b"k").unwrap();
+    fails(
+        strata()
+            .args(["layer", "apply"])
+            .arg(&blob)
+            .arg(d.join("full")),
+        "not empty",
+    );
+    fails(
+        strata()
+            .args(["layer", "diff"])
+            .arg(d.join("nope"))
+            .arg("-o")
+            .arg(d.join("out.tar")),
+        "nope",
+    );
+    assert!(!d.join("out.tar").exists());
+    fails(
+        strata()
+            .args(["layer", "diff"])
+            .arg(d.join("src"))
+            .arg("-o")
+            .arg(d.join("o.tar"))
+            .args(["--compress", "lz4"]),
+        "unknown compression",
+    );
+    std::fs::create_dir(d.join("m")).unwrap();
+    fails(
+        strata()
+            .arg("mount")
+            .arg("--lower")
+            .arg(d.join("no-such-lower"))
+            .arg(d.join("m")),
+        "no-such-lower",
+    );
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec!["base.tar.gz", "full", "junk.tar", "m", "src"],
+        "something was left behind"
+    );
+}
+
+#[test]
+fn info_reports_the_kernel_features() {
+    require_root();
+    let t = scratch();
+    let out = ok(strata().arg("info").arg("--dir").arg(t.path()));
+    for want in [
+        "Storage Driver: strata",
+        "Backing Filesystem:",
+        "Supports d_type: true",
+        "Kernel Overlay: true",
+        "metacopy: true",
+        "Native Diff: true",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn demo_runs_to_the_end() {
+    require_root();
+    let out = ok(strata().arg("demo"));
+    assert!(
+        out.contains("the stack shows exactly the container's tree")
+            && out.trim_end().ends_with("== done"),
+        "{out}"
+    );
+}
+
+/// Rootless: uid 65534 in its own user and mount namespace applies a layer in the rootless
+/// form and mounts it with kernel overlay (userxattr chosen automatically).
+#[test]
+fn rootless_apply_and_userxattr_mount_as_nobody() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let src = d.join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::create_dir_all(src.join("opq")).unwrap();
+    std::fs::write(src.join("etc/f"), b"hi").unwrap();
+    std::fs::write(src.join("opq/.wh..wh..opq"), b"").unwrap();
+    let blob = d.join("l.tar");
+    ok(Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .arg("-cf")
+        .arg(&blob)
+        .arg("."));
+    std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let bin = env!("CARGO_BIN_EXE_strata");
+    let script = format!(
+        "set -e; cd {d}; {bin} layer apply --rootless --bottom l.tar base; mkdir u w m; {bin} mount --lower base --upper u --work w m; \
+         rm m/etc/f; echo new > m/etc/g; {bin} umount m; {bin} info --dir {d} | grep -q 'User Namespace: true'",
+        d = d.display()
+    );
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "unshare",
+            "-Urm",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rootless run failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let opaque = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.overlay.opaque"])
+        .arg(d.join("base/opq"))
+        .output()
+        .unwrap();
+    assert_eq!(opaque.stdout, b"y", "opaque dir in rootless form");
+    let wh = std::fs::symlink_metadata(d.join("u/etc/f")).unwrap();
+    assert!(
+        wh.file_type().is_char_device(),
+        "the kernel wrote a whiteout in the upper"
+    );
+    assert_eq!(std::fs::read(d.join("u/etc/g")).unwrap(), b"new\n");
+}
