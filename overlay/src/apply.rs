@@ -174,7 +174,13 @@ fn apply_into_tmp<R: Read>(blob: R, tmp: &Path, opts: &ApplyOptions) -> Result<A
             left: opts.max_size,
             over: over.clone(),
         };
-        let mut tar = Reader::new(HashReader::new(capped));
+        // A plain tar's diffID is its digest: hash it once.
+        let plain = if compression == Compression::None {
+            HashReader::counting(capped)
+        } else {
+            HashReader::new(capped)
+        };
+        let mut tar = Reader::new(plain);
         let mut applier = Applier::new(root, opts);
         let run = (|| -> Result<()> {
             while let Some(entry) = tar.next_entry()? {
@@ -206,6 +212,8 @@ fn apply_into_tmp<R: Read>(blob: R, tmp: &Path, opts: &ApplyOptions) -> Result<A
         )
     };
     let (digest, size) = raw.finish().map_err(Error::Stream)?;
+    let digest = digest.expect("the raw stream is hashed");
+    let diff_id = diff_id.unwrap_or(digest);
     check("diffID", opts.expected_diff_id, diff_id)?;
     check("digest", opts.expected_digest, digest)?;
     Ok(ApplyReport {
@@ -365,7 +373,9 @@ impl<'o> Applier<'o> {
                 let dir = self.parent(&e.path, parent)?;
                 let cname = sys::cstr(name).map_err(|err| Error::entry(&e.path, "name", err))?;
                 self.remove_existing(&e.path, dir.as_fd(), &cname)?;
-                if self.opaque.contains(&join(parent)) || !self.in_lowers(&e.path, &[parent, &[name]].concat())? {
+                if self.opaque.contains(&join(parent))
+                    || !self.in_lowers(&e.path, &[parent, &[name]].concat())?
+                {
                     // Nothing below to hide: in a directory this layer made opaque, or a path
                     // none of the (known) lowers has.
                     return Ok(());

@@ -70,7 +70,7 @@ impl FromStr for Digest {
 /// A reader that hashes and counts what passes through it.
 pub struct HashReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     count: u64,
 }
 
@@ -79,7 +79,16 @@ impl<R: Read> HashReader<R> {
     pub fn new(inner: R) -> Self {
         HashReader {
             inner,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
+            count: 0,
+        }
+    }
+
+    /// Wraps `inner`, counting only (for a stream whose digest another hasher computes).
+    pub fn counting(inner: R) -> Self {
+        HashReader {
+            inner,
+            hasher: None,
             count: 0,
         }
     }
@@ -89,17 +98,20 @@ impl<R: Read> HashReader<R> {
         self.count
     }
 
-    /// Reads the rest of the stream (hashing it) and returns the digest and total size.
-    pub fn finish(mut self) -> io::Result<(Digest, u64)> {
+    /// Reads the rest of the stream and returns its digest (`None` when only counting) and
+    /// total size.
+    pub fn finish(mut self) -> io::Result<(Option<Digest>, u64)> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((Digest(self.hasher.finalize().into()), self.count))
+        Ok((self.hasher.map(|h| Digest(h.finalize().into())), self.count))
     }
 }
 
 impl<R: Read> Read for HashReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }
@@ -108,7 +120,7 @@ impl<R: Read> Read for HashReader<R> {
 /// A writer that hashes and counts what passes through it.
 pub struct HashWriter<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     count: u64,
 }
 
@@ -117,15 +129,25 @@ impl<W: Write> HashWriter<W> {
     pub fn new(inner: W) -> Self {
         HashWriter {
             inner,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             count: 0,
         }
     }
 
-    /// The digest and size of everything written, and the inner writer.
-    pub fn finish(self) -> (Digest, u64, W) {
+    /// Wraps `inner`, counting only.
+    pub fn counting(inner: W) -> Self {
+        HashWriter {
+            inner,
+            hasher: None,
+            count: 0,
+        }
+    }
+
+    /// The digest (`None` when only counting) and size of everything written, and the inner
+    /// writer.
+    pub fn finish(self) -> (Option<Digest>, u64, W) {
         (
-            Digest(self.hasher.finalize().into()),
+            self.hasher.map(|h| Digest(h.finalize().into())),
             self.count,
             self.inner,
         )
@@ -135,7 +157,9 @@ impl<W: Write> HashWriter<W> {
 impl<W: Write> Write for HashWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }
@@ -168,6 +192,10 @@ mod tests {
         let r = HashReader::new(&b"hello"[..]);
         let (d, n) = r.finish().unwrap();
         assert_eq!(n, 5);
-        assert_eq!(d, Digest::of(b"hello"));
+        assert_eq!(d, Some(Digest::of(b"hello")));
+        assert_eq!(
+            HashReader::counting(&b"hello"[..]).finish().unwrap(),
+            (None, 5)
+        );
     }
 }

@@ -73,8 +73,13 @@ pub(crate) struct Sink<W: Write> {
 
 impl<W: Write> Sink<W> {
     pub(crate) fn new(out: W, opts: &DiffOptions) -> Result<Self> {
-        let enc = Encoder::new(HashWriter::new(out), opts.compression, opts.threads)
-            .map_err(Error::Stream)?;
+        // A plain tar's digest is its diffID: hash it once.
+        let out = if opts.compression == Compression::None {
+            HashWriter::counting(out)
+        } else {
+            HashWriter::new(out)
+        };
+        let enc = Encoder::new(out, opts.compression, opts.threads).map_err(Error::Stream)?;
         Ok(Sink {
             tar: Writer::new(HashWriter::new(enc)),
             compression: opts.compression,
@@ -88,6 +93,8 @@ impl<W: Write> Sink<W> {
         let (diff_id, uncompressed, enc) = plain.finish();
         let hashed = enc.finish().map_err(w)?;
         let (digest, size, mut out) = hashed.finish();
+        let diff_id = diff_id.expect("the tar stream is hashed");
+        let digest = digest.unwrap_or(diff_id);
         out.flush().map_err(w)?;
         Ok((
             DiffReport {

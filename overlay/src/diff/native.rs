@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use super::lower::{Found, LowerView, is_opaque};
+use super::lower::{Found, LowerView};
 use super::{DiffOptions, DiffReport, Sink, entry};
 use crate::archive::{Entry, Kind};
 use crate::whiteout::{self, XattrNs};
@@ -152,34 +152,32 @@ impl<W: Write> Native<W> {
             }
             return Ok(());
         }
-        let Some(e) = entry::read(dir, &cname, &st, path.clone())
+        let Some(read) = entry::read_native(dir, &cname, &st, path.clone())
             .map_err(|e| self.err("read metadata", &path, e))?
         else {
             return Ok(()); // a socket
         };
-        match e.kind {
-            Kind::Dir => {
-                let sub = sys::openat(
-                    dir,
-                    &cname,
-                    libc::O_DIRECTORY | libc::O_RDONLY | libc::O_NOFOLLOW,
-                    0,
-                )
-                .map_err(|e| self.err("open dir", &path, e))?;
+        let entry::Read {
+            entry: e,
+            overlay,
+            fd,
+        } = read;
+        let upper_path = self.upper.join(String::from_utf8_lossy(&path).as_ref());
+        let need_lowers = |feature| Error::NeedLowers {
+            path: upper_path.clone(),
+            feature,
+        };
+        match (e.kind, fd) {
+            (Kind::Dir, Some(sub)) => {
                 self.emit(&e, None)?;
-                let redirect = entry::overlay_xattr(dir, &cname, XattrNs::redirect)
-                    .map_err(|e| self.err("getxattr", &path, e))?;
-                if let Some(r) = redirect {
+                if let Some(r) = &overlay.redirect {
                     if self.lowers.is_empty() {
-                        return Err(Error::NeedLowers {
-                            path: self.upper.join(String::from_utf8_lossy(&path).as_ref()),
-                            feature: "redirect",
-                        });
+                        return Err(need_lowers("redirect"));
                     }
-                    let src = resolve_redirect(&r, lower.unwrap_or(rel));
+                    let src = resolve_redirect(r, lower.unwrap_or(rel));
                     self.emit(&entry::opaque(&path), None)?;
                     self.dir(sub.as_fd(), &path, Some(src), true)
-                } else if is_opaque(dir, &cname)? {
+                } else if overlay.opaque {
                     self.emit(&entry::opaque(&path), None)?;
                     self.dir(sub.as_fd(), &path, None, false)
                 } else {
@@ -187,28 +185,21 @@ impl<W: Write> Native<W> {
                     self.dir(sub.as_fd(), &path, src, relocated)
                 }
             }
-            Kind::File => {
+            (Kind::File, Some(fd)) => {
                 if self.link_seen(&e, &st)? {
                     return Ok(());
                 }
-                let metacopy = entry::overlay_xattr(dir, &cname, XattrNs::metacopy)
-                    .map_err(|e| self.err("getxattr", &path, e))?;
-                let data = if metacopy.is_some() {
+                let data = if overlay.metacopy {
                     if self.lowers.is_empty() {
-                        return Err(Error::NeedLowers {
-                            path: self.upper.join(String::from_utf8_lossy(&path).as_ref()),
-                            feature: "metacopy",
-                        });
+                        return Err(need_lowers("metacopy"));
                     }
-                    let redirect = entry::overlay_xattr(dir, &cname, XattrNs::redirect)
-                        .map_err(|e| self.err("getxattr", &path, e))?;
-                    let src = match redirect {
-                        Some(r) => resolve_redirect(&r, lower.unwrap_or(rel)),
+                    let src = match &overlay.redirect {
+                        Some(r) => resolve_redirect(r, lower.unwrap_or(rel)),
                         None => entry::child(lower.unwrap_or(rel), name),
                     };
                     self.lower_data(&src)?
                 } else {
-                    entry::open(dir, &cname).map_err(|e| self.err("open", &path, e))?
+                    File::from(fd)
                 };
                 self.emit(&e, Some(data))
             }
