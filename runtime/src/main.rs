@@ -12,7 +12,7 @@ use strata_overlay::diff::{self, DiffOptions, LowerView};
 use strata_overlay::mount::{Options, Overlay, unmount};
 use strata_overlay::{ApplyOptions, Compression, Digest, XattrNs, apply_file, probe};
 
-use cli::{Cli, Command, LayerCommand, split_paths};
+use cli::{Cli, Command, LayerCommand, SnapshotterCommand, split_paths};
 
 fn main() {
     let cli = Cli::parse();
@@ -38,6 +38,11 @@ fn run(cli: Cli) -> Result<()> {
             unmount(&merged, lazy).with_context(|| format!("unmounting {}", merged.display()))
         }
         Command::Info { dir } => info(dir),
+        Command::Snapshotter(SnapshotterCommand::Serve {
+            root,
+            address,
+            mode,
+        }) => serve_snapshotter(&root, &address, &mode),
         Command::Demo { keep } => strata_runtime::demo::run(keep, &mut std::io::stdout()),
     }
 }
@@ -224,4 +229,30 @@ fn nix_euid() -> u32 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn serve_snapshotter(root: &Path, address: &Path, mode: &str) -> Result<()> {
+    let mode: strata_snapshotter::Mode = mode.parse()?;
+    let snap = strata_snapshotter::Snapshotter::open(root, mode)
+        .with_context(|| format!("opening the snapshot store at {}", root.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Installed before serving, so an early SIGTERM is a clean shutdown too.
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("shutting down: draining in-flight requests");
+        };
+        strata_snapshotter::serve(std::sync::Arc::new(snap), address, shutdown)
+            .await
+            .with_context(|| format!("serving on {}", address.display()))
+    })
 }

@@ -38,6 +38,9 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// containerd's snapshotter, served as a proxy plugin.
+    #[command(subcommand)]
+    Snapshotter(SnapshotterCommand),
     /// Walk through a layer's lifecycle on an embedded base layer.
     Demo {
         /// Keep the demo's directory instead of removing it.
@@ -167,4 +170,21 @@ pub fn split_paths(s: &str) -> Vec<PathBuf> {
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
         .collect()
+}
+
+/// `strata snapshotter ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotterCommand {
+    /// Serve containerd.services.snapshots.v1.Snapshots on a unix socket until SIGTERM/SIGINT.
+    Serve {
+        /// The store's root directory.
+        #[arg(long)]
+        root: PathBuf,
+        /// The unix socket to listen on (created with mode 0660).
+        #[arg(long)]
+        address: PathBuf,
+        /// How layers are mounted: overlay (kernel overlayfs), fuse, or auto.
+        #[arg(long, default_value = "overlay")]
+        mode: String,
+    },
 }

@@ -1,0 +1,342 @@
+//! Snapshot metadata in SQLite: WAL journal, `synchronous=FULL`, one transaction per operation,
+//! schema versioned with `PRAGMA user_version`.
+//!
+//! Keys and names share one namespace, as in containerd: a committed snapshot's key is its
+//! name. Snapshot ids come from `AUTOINCREMENT`, so an id is never reused and a directory left
+//! by a removed snapshot can never be mistaken for a new one.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use crate::{Error, Result};
+
+/// containerd's snapshot kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A read-only view of a committed snapshot.
+    View = 1,
+    /// A writable snapshot.
+    Active = 2,
+    /// An immutable snapshot, usable as a parent.
+    Committed = 3,
+}
+
+impl Kind {
+    fn from_i64(v: i64) -> Result<Kind> {
+        match v {
+            1 => Ok(Kind::View),
+            2 => Ok(Kind::Active),
+            3 => Ok(Kind::Committed),
+            other => Err(Error::Db {
+                op: "read kind",
+                err: rusqlite::Error::IntegralValueOutOfRange(0, other),
+            }),
+        }
+    }
+
+    /// containerd's name of the kind (`view`, `active`, `committed`), as filters use it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        }
+    }
+}
+
+/// One snapshot's record.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Internal id: the directory `snapshots/<id>`.
+    pub id: i64,
+    /// Key (or name, once committed).
+    pub key: String,
+    /// Parent's id.
+    pub parent_id: Option<i64>,
+    /// Parent's name ("" for none).
+    pub parent: String,
+    /// Kind.
+    pub kind: Kind,
+    /// Creation time, ns since the epoch.
+    pub created: i64,
+    /// Last update, ns since the epoch.
+    pub updated: i64,
+    /// Bytes used (committed snapshots).
+    pub size: i64,
+    /// Inodes used (committed snapshots).
+    pub inodes: i64,
+    /// Boot id when the snapshot was created (for volatile snapshots).
+    pub boot_id: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+/// The metadata store.
+pub struct Meta {
+    conn: Connection,
+}
+
+impl Meta {
+    /// Opens (creating or migrating) the store at `path`.
+    pub fn open(path: &Path) -> Result<Meta> {
+        let conn = Connection::open(path).map_err(Error::db("open"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(Error::db("set busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(Error::db("enable WAL"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(Error::db("set synchronous"))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(Error::db("enable foreign keys"))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(Error::db("read schema version"))?;
+        if version > SCHEMA_VERSION {
+            return Err(Error::InvalidArgument(format!(
+                "{}: schema version {version} is newer than this strata ({SCHEMA_VERSION})",
+                path.display()
+            )));
+        }
+        if version < 1 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE snapshots (
+                     id INTEGER PRIMARY KEY AUTOINCREMENT,
+                     key TEXT NOT NULL UNIQUE,
+                     parent_id INTEGER REFERENCES snapshots(id),
+                     kind INTEGER NOT NULL,
+                     created INTEGER NOT NULL,
+                     updated INTEGER NOT NULL,
+                     size INTEGER NOT NULL DEFAULT 0,
+                     inodes INTEGER NOT NULL DEFAULT 0,
+                     boot_id TEXT
+                 );
+                 CREATE INDEX snapshots_parent ON snapshots(parent_id);
+                 CREATE TABLE labels (
+                     snapshot INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+                     name TEXT NOT NULL,
+                     value TEXT NOT NULL,
+                     PRIMARY KEY (snapshot, name)
+                 );
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )
+            .map_err(Error::db("create schema"))?;
+        }
+        Ok(Meta { conn })
+    }
+
+    /// Starts a write transaction (taking the write lock at once).
+    pub fn write(&mut self) -> Result<Transaction<'_>> {
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(Error::db("begin"))
+    }
+
+    /// Starts a read transaction.
+    pub fn read(&mut self) -> Result<Transaction<'_>> {
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(Error::db("begin"))
+    }
+}
+
+const SELECT: &str = "SELECT s.id, s.key, s.parent_id, COALESCE(p.key, ''), s.kind, s.created, s.updated, s.size, s.inodes, s.boot_id
+     FROM snapshots s LEFT JOIN snapshots p ON s.parent_id = p.id";
+
+fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Row, i64)> {
+    Ok((
+        Row {
+            id: r.get(0)?,
+            key: r.get(1)?,
+            parent_id: r.get(2)?,
+            parent: r.get(3)?,
+            kind: Kind::View,
+            created: r.get(5)?,
+            updated: r.get(6)?,
+            size: r.get(7)?,
+            inodes: r.get(8)?,
+            boot_id: r.get(9)?,
+            labels: BTreeMap::new(),
+        },
+        r.get(4)?,
+    ))
+}
+
+fn finish(tx: &Transaction<'_>, (mut row, kind): (Row, i64)) -> Result<Row> {
+    row.kind = Kind::from_i64(kind)?;
+    row.labels = labels(tx, row.id)?;
+    Ok(row)
+}
+
+/// The snapshot with key `key`.
+pub fn get(tx: &Transaction<'_>, key: &str) -> Result<Option<Row>> {
+    let r = tx
+        .query_row(&format!("{SELECT} WHERE s.key = ?1"), [key], row_of)
+        .optional()
+        .map_err(Error::db("get snapshot"))?;
+    r.map(|r| finish(tx, r)).transpose()
+}
+
+/// Every snapshot, ordered by key.
+pub fn all(tx: &Transaction<'_>) -> Result<Vec<Row>> {
+    let mut stmt = tx
+        .prepare(&format!("{SELECT} ORDER BY s.key"))
+        .map_err(Error::db("list snapshots"))?;
+    let rows: Vec<(Row, i64)> = stmt
+        .query_map([], row_of)
+        .map_err(Error::db("list snapshots"))?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(Error::db("list snapshots"))?;
+    let mut all_labels: std::collections::HashMap<i64, BTreeMap<String, String>> =
+        Default::default();
+    let mut l = tx
+        .prepare("SELECT snapshot, name, value FROM labels")
+        .map_err(Error::db("list labels"))?;
+    for r in l
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .map_err(Error::db("list labels"))?
+    {
+        let (id, k, v) = r.map_err(Error::db("list labels"))?;
+        all_labels.entry(id).or_default().insert(k, v);
+    }
+    rows.into_iter()
+        .map(|(mut row, kind)| {
+            row.kind = Kind::from_i64(kind)?;
+            row.labels = all_labels.remove(&row.id).unwrap_or_default();
+            Ok(row)
+        })
+        .collect()
+}
+
+/// The labels of snapshot `id`.
+pub fn labels(tx: &Transaction<'_>, id: i64) -> Result<BTreeMap<String, String>> {
+    let mut stmt = tx
+        .prepare_cached("SELECT name, value FROM labels WHERE snapshot = ?1")
+        .map_err(Error::db("get labels"))?;
+    let it = stmt
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(Error::db("get labels"))?;
+    it.collect::<rusqlite::Result<_>>()
+        .map_err(Error::db("get labels"))
+}
+
+/// Replaces the labels of snapshot `id`.
+pub fn set_labels(tx: &Transaction<'_>, id: i64, labels: &BTreeMap<String, String>) -> Result<()> {
+    tx.execute("DELETE FROM labels WHERE snapshot = ?1", [id])
+        .map_err(Error::db("clear labels"))?;
+    let mut stmt = tx
+        .prepare_cached("INSERT INTO labels (snapshot, name, value) VALUES (?1, ?2, ?3)")
+        .map_err(Error::db("set labels"))?;
+    for (k, v) in labels {
+        stmt.execute(params![id, k, v])
+            .map_err(Error::db("set labels"))?;
+    }
+    Ok(())
+}
+
+/// Inserts a new snapshot and returns its id.
+pub fn insert(
+    tx: &Transaction<'_>,
+    key: &str,
+    parent_id: Option<i64>,
+    kind: Kind,
+    now: i64,
+    boot_id: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> Result<i64> {
+    tx.execute(
+        "INSERT INTO snapshots (key, parent_id, kind, created, updated, boot_id) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+        params![key, parent_id, kind as i64, now, boot_id],
+    )
+    .map_err(Error::db("insert snapshot"))?;
+    let id = tx.last_insert_rowid();
+    set_labels(tx, id, labels)?;
+    Ok(id)
+}
+
+/// Turns active snapshot `id` into committed snapshot `name`.
+#[allow(clippy::too_many_arguments)]
+pub fn commit(
+    tx: &Transaction<'_>,
+    id: i64,
+    name: &str,
+    parent_id: Option<i64>,
+    now: i64,
+    size: i64,
+    inodes: i64,
+    labels: &BTreeMap<String, String>,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE snapshots SET key = ?2, parent_id = ?3, kind = ?4, created = ?5, updated = ?5, size = ?6, inodes = ?7, boot_id = NULL WHERE id = ?1",
+        params![id, name, parent_id, Kind::Committed as i64, now, size, inodes],
+    )
+    .map_err(Error::db("commit snapshot"))?;
+    set_labels(tx, id, labels)
+}
+
+/// Sets the update time of `id`.
+pub fn touch(tx: &Transaction<'_>, id: i64, now: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE snapshots SET updated = ?2 WHERE id = ?1",
+        params![id, now],
+    )
+    .map_err(Error::db("update snapshot"))
+    .map(drop)
+}
+
+/// True when some snapshot has `id` as its parent.
+pub fn has_children(tx: &Transaction<'_>, id: i64) -> Result<bool> {
+    tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM snapshots WHERE parent_id = ?1)",
+        [id],
+        |r| r.get(0),
+    )
+    .map_err(Error::db("find children"))
+}
+
+/// Deletes snapshot `id` and its labels.
+pub fn delete(tx: &Transaction<'_>, id: i64) -> Result<()> {
+    tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])
+        .map_err(Error::db("delete snapshot"))
+        .map(drop)
+}
+
+/// The ids of `id`'s ancestors, nearest first.
+pub fn chain(tx: &Transaction<'_>, id: i64) -> Result<Vec<i64>> {
+    let mut stmt = tx
+        .prepare_cached(
+            "WITH RECURSIVE up(id, parent_id, depth) AS (
+                 SELECT id, parent_id, 0 FROM snapshots WHERE id = ?1
+                 UNION ALL SELECT s.id, s.parent_id, up.depth + 1 FROM snapshots s JOIN up ON s.id = up.parent_id
+             ) SELECT id FROM up WHERE depth > 0 ORDER BY depth",
+        )
+        .map_err(Error::db("walk parents"))?;
+    let it = stmt
+        .query_map([id], |r| r.get(0))
+        .map_err(Error::db("walk parents"))?;
+    it.collect::<rusqlite::Result<_>>()
+        .map_err(Error::db("walk parents"))
+}
+
+/// Every snapshot id.
+pub fn ids(tx: &Transaction<'_>) -> Result<HashSet<i64>> {
+    let mut stmt = tx
+        .prepare("SELECT id FROM snapshots")
+        .map_err(Error::db("list ids"))?;
+    let it = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(Error::db("list ids"))?;
+    it.collect::<rusqlite::Result<_>>()
+        .map_err(Error::db("list ids"))
+}

@@ -1,0 +1,250 @@
+//! containerd's `containerd.services.snapshots.v1.Snapshots` gRPC service over a
+//! [`Snapshotter`], and [`serve`] on a unix socket.
+//!
+//! Every request runs the synchronous snapshotter on tokio's blocking pool, so slow filesystem
+//! work never stalls the reactor, and unrelated requests proceed in parallel.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::api::containerd::services::snapshots::v1 as pb;
+use crate::api::containerd::types::Mount as PbMount;
+use crate::meta::Kind;
+use crate::store::{Info, Snapshotter};
+use crate::{Error, Result};
+
+use pb::snapshots_server::{Snapshots, SnapshotsServer};
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Service {
+    snap: Arc<Snapshotter>,
+}
+
+impl Service {
+    /// A service over `snap`.
+    pub fn new(snap: Arc<Snapshotter>) -> Self {
+        Service { snap }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Snapshotter) -> Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let snap = self.snap.clone();
+        tokio::task::spawn_blocking(move || f(&snap))
+            .await
+            .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+            .map_err(|e| {
+                tracing::debug!(%e, "request failed");
+                Status::from(e)
+            })
+    }
+}
+
+fn mounts(ms: Vec<strata_overlay::Mount>) -> Vec<PbMount> {
+    ms.into_iter()
+        .map(|m| PbMount {
+            r#type: m.kind,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
+        .collect()
+}
+
+fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+fn ts(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn kind(k: Kind) -> pb::Kind {
+    match k {
+        Kind::View => pb::Kind::View,
+        Kind::Active => pb::Kind::Active,
+        Kind::Committed => pb::Kind::Committed,
+    }
+}
+
+fn info(i: Info) -> pb::Info {
+    pb::Info {
+        name: i.name,
+        parent: i.parent,
+        kind: kind(i.kind) as i32,
+        created_at: Some(ts(i.created)),
+        updated_at: Some(ts(i.updated)),
+        labels: i.labels.into_iter().collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Snapshots for Service {
+    async fn prepare(
+        &self,
+        r: Request<pb::PrepareSnapshotRequest>,
+    ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let ms = self
+            .run(move |s| s.prepare(&r.key, &r.parent, labels(r.labels)))
+            .await?;
+        Ok(Response::new(pb::PrepareSnapshotResponse {
+            mounts: mounts(ms),
+        }))
+    }
+
+    async fn view(
+        &self,
+        r: Request<pb::ViewSnapshotRequest>,
+    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let ms = self
+            .run(move |s| s.view(&r.key, &r.parent, labels(r.labels)))
+            .await?;
+        Ok(Response::new(pb::ViewSnapshotResponse {
+            mounts: mounts(ms),
+        }))
+    }
+
+    async fn mounts(
+        &self,
+        r: Request<pb::MountsRequest>,
+    ) -> Result<Response<pb::MountsResponse>, Status> {
+        let r = r.into_inner();
+        let ms = self.run(move |s| s.mounts(&r.key)).await?;
+        Ok(Response::new(pb::MountsResponse { mounts: mounts(ms) }))
+    }
+
+    async fn commit(&self, r: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = r.into_inner();
+        self.run(move |s| s.commit(&r.name, &r.key, labels(r.labels), Some(r.parent.as_str())))
+            .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(&self, r: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = r.into_inner();
+        self.run(move |s| s.remove(&r.key)).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        r: Request<pb::StatSnapshotRequest>,
+    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let i = self.run(move |s| s.stat(&r.key)).await?;
+        Ok(Response::new(pb::StatSnapshotResponse {
+            info: Some(info(i)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        r: Request<pb::UpdateSnapshotRequest>,
+    ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let i = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without snapshot info"))?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let want = Info {
+            name: i.name,
+            parent: i.parent,
+            kind: Kind::Active,
+            created: SystemTime::UNIX_EPOCH,
+            updated: SystemTime::UNIX_EPOCH,
+            labels: labels(i.labels),
+        };
+        let got = self.run(move |s| s.update(&want, &paths)).await?;
+        Ok(Response::new(pb::UpdateSnapshotResponse {
+            info: Some(info(got)),
+        }))
+    }
+
+    type ListStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send + 'static>>;
+
+    async fn list(
+        &self,
+        r: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let r = r.into_inner();
+        let all = self.run(move |s| s.list(&r.filters)).await?;
+        // Batches of 100, as containerd's service sends.
+        let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = all
+            .chunks(100)
+            .map(|c| {
+                Ok(pb::ListSnapshotsResponse {
+                    info: c.iter().cloned().map(info).collect(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+    }
+
+    async fn usage(
+        &self,
+        r: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
+        let r = r.into_inner();
+        let u = self.run(move |s| s.usage(&r.key)).await?;
+        Ok(Response::new(pb::UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
+    }
+
+    async fn cleanup(&self, _r: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        self.run(|s| s.cleanup()).await?;
+        Ok(Response::new(()))
+    }
+}
+
+/// Serves `snap` on unix socket `socket` (mode 0660) until `shutdown` resolves, then lets
+/// in-flight requests finish and removes the socket.
+pub async fn serve(
+    snap: Arc<Snapshotter>,
+    socket: &Path,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("create socket dir", dir, e))?;
+    }
+    match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(_) => {
+            return Err(Error::AlreadyExists(format!(
+                "{}: a server is already listening there",
+                socket.display()
+            )));
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(socket);
+        }
+    }
+    let listener =
+        tokio::net::UnixListener::bind(socket).map_err(|e| Error::io("listen", socket, e))?;
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+        .map_err(|e| Error::io("chmod", socket, e))?;
+    tracing::info!(socket = %socket.display(), "serving containerd.services.snapshots.v1.Snapshots");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .add_service(SnapshotsServer::new(Service::new(snap)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = std::fs::remove_file(socket);
+    result.map_err(|e| Error::io("serve", socket, std::io::Error::other(e.to_string())))
+}

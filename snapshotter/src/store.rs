@@ -1,0 +1,681 @@
+//! The snapshotter: containerd's snapshot model over layer directories.
+//!
+//! Layout below the root (containerd's overlay snapshotter's):
+//! ```text
+//! ROOT/metadata.db            SQLite (WAL): snapshots, labels
+//! ROOT/snapshots/<id>/fs      the layer (upper dir while active)
+//! ROOT/snapshots/<id>/work    overlay's work dir (active snapshots)
+//! ROOT/snapshots/new-*        a snapshot being created (temp; renamed to <id> in its transaction)
+//! ROOT/snapshots/rm-<id>      a removed snapshot's dirs, being deleted off the request path
+//! ```
+//! Every change is one SQLite transaction; directories are created under a temp name and
+//! renamed into place inside it, and removed ones are renamed away inside it, so a kill at any
+//! instant leaves either the old or the new state. Directories no record points to are
+//! removed at start and by `cleanup`.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use strata_overlay::mount::{Mount, Options, Overlay};
+
+use crate::filter::{self, Fields, Filter};
+use crate::meta::{self, Kind, Meta, Row};
+use crate::{Error, Result};
+
+/// The label that asks for a volatile (no-sync) overlay for a container's snapshot.
+pub const VOLATILE_LABEL: &str = "containerd.io/snapshot/strata.volatile";
+/// The label containerd's unpacker puts on the snapshots it applies layers into.
+pub const UNPACK_LABEL: &str = "containerd.io/snapshot.ref";
+/// containerd's limit on one label's key plus value.
+const MAX_LABEL: usize = 4096;
+
+/// How the snapshotter mounts layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Kernel overlayfs.
+    Overlay,
+    /// Strata's FUSE filesystem.
+    Fuse,
+    /// Kernel overlay where it works here, FUSE otherwise.
+    Auto,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Mode> {
+        match s {
+            "overlay" => Ok(Mode::Overlay),
+            "fuse" => Ok(Mode::Fuse),
+            "auto" => Ok(Mode::Auto),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown mode {other:?}: expected overlay, fuse or auto"
+            ))),
+        }
+    }
+}
+
+/// A snapshot as containerd sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Info {
+    /// Key or name.
+    pub name: String,
+    /// Parent's name, "" for none.
+    pub parent: String,
+    /// Kind.
+    pub kind: Kind,
+    /// Creation time.
+    pub created: SystemTime,
+    /// Last update.
+    pub updated: SystemTime,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Disk usage of a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of disk used (blocks, hard links counted once).
+    pub size: i64,
+    /// Inodes used.
+    pub inodes: i64,
+}
+
+fn to_time(ns: i64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64)
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl From<&Row> for Info {
+    fn from(r: &Row) -> Info {
+        Info {
+            name: r.key.clone(),
+            parent: r.parent.clone(),
+            kind: r.kind,
+            created: to_time(r.created),
+            updated: to_time(r.updated),
+            labels: r.labels.clone(),
+        }
+    }
+}
+
+impl Fields for Info {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path.first().map(String::as_str) {
+            Some("name") if path.len() == 1 => Some(self.name.clone()),
+            Some("parent") if path.len() == 1 => Some(self.parent.clone()),
+            Some("kind") if path.len() == 1 => Some(self.kind.name().to_string()),
+            Some("labels") if path.len() > 1 => self.labels.get(&path[1..].join(".")).cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// The snapshotter over one root directory.
+pub struct Snapshotter {
+    root: PathBuf,
+    meta: Mutex<Meta>,
+    options: Options,
+    boot_id: String,
+    reaper: Mutex<mpsc::Sender<PathBuf>>,
+    counter: AtomicU64,
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in labels {
+        if k.len() + v.len() > MAX_LABEL {
+            return Err(Error::InvalidArgument(format!(
+                "label key and value length ({} bytes) greater than maximum size ({MAX_LABEL} bytes), key: {}",
+                k.len() + v.len(),
+                &k[..k.len().min(64)]
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn du(path: &Path) -> Result<Usage> {
+    let mut usage = Usage::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).map_err(|e| Error::io("stat", &p, e))?;
+        if m.nlink() > 1 && !m.is_dir() && !seen.insert((m.dev(), m.ino())) {
+            continue;
+        }
+        usage.inodes += 1;
+        usage.size += (m.blocks() * 512) as i64;
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).map_err(|e| Error::io("read dir", &p, e))? {
+                stack.push(e.map_err(|e| Error::io("read dir", &p, e))?.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+impl Snapshotter {
+    /// Opens (or creates) the store at `root`, sweeps directories no record points to, and
+    /// discards volatile snapshots that did not survive a restart of the machine.
+    pub fn open(root: &Path, mode: Mode) -> Result<Snapshotter> {
+        let options = match mode {
+            Mode::Fuse => {
+                return Err(Error::Unsupported("--mode fuse needs Strata's FUSE filesystem, which is not built yet (the FUSE issue); use --mode overlay".into()));
+            }
+            Mode::Overlay | Mode::Auto => {
+                std::fs::create_dir_all(root.join("snapshots"))
+                    .map_err(|e| Error::io("create", root.join("snapshots"), e))?;
+                let f = strata_overlay::probe::probe(root);
+                if !f.overlay {
+                    let why = f.error.clone().unwrap_or_default();
+                    return Err(Error::Unsupported(format!(
+                        "kernel overlayfs cannot mount on {} ({}): {why}{}",
+                        root.display(),
+                        f.backing_fs,
+                        if mode == Mode::Auto {
+                            "; the FUSE fallback is not built yet"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+                tracing::info!(backing_fs = %f.backing_fs, metacopy = f.metacopy, redirect_dir = f.redirect_dir, userxattr = f.in_userns, "kernel overlay chosen");
+                f.options()
+            }
+        };
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod", root, e))?;
+        let meta = Meta::open(&root.join("metadata.db"))?;
+        let (tx, rx) = mpsc::channel::<PathBuf>();
+        std::thread::Builder::new()
+            .name("strata-reaper".into())
+            .spawn(move || {
+                for p in rx {
+                    if let Err(e) = std::fs::remove_dir_all(&p) {
+                        tracing::error!(path = %p.display(), %e, "removing a deleted snapshot's directory");
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn reaper", root, e))?;
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let s = Snapshotter {
+            root: root.to_path_buf(),
+            meta: Mutex::new(meta),
+            options,
+            boot_id,
+            reaper: Mutex::new(tx),
+            counter: AtomicU64::new(0),
+        };
+        s.discard_stale_volatile()?;
+        s.cleanup()?;
+        Ok(s)
+    }
+
+    /// The overlay options every overlay mount gets here.
+    pub fn options(&self) -> Options {
+        self.options
+    }
+
+    fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    fn dir(&self, id: i64) -> PathBuf {
+        self.snapshots().join(id.to_string())
+    }
+
+    /// The layer directory of snapshot `id`.
+    pub fn fs_dir(&self, id: i64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn reap(&self, p: PathBuf) {
+        let r = self
+            .reaper
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(p);
+        if let Err(mpsc::SendError(p)) = r {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+
+    /// Creates an active snapshot `key` on `parent` ("" for none) and returns its mounts.
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
+    }
+
+    /// Creates a read-only view `key` of `parent` and returns its mounts.
+    pub fn view(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(
+                "snapshot key must not be empty".into(),
+            ));
+        }
+        validate_labels(&labels)?;
+        let volatile = kind == Kind::Active
+            && labels.get(VOLATILE_LABEL).is_some_and(|v| v == "true")
+            && !labels.contains_key(UNPACK_LABEL);
+        let mut meta = self.lock();
+        // The temp dir is made under the lock, so `cleanup` never mistakes it for a leftover.
+        let tmp = self.snapshots().join(format!(
+            "new-{}-{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir(&tmp)?;
+            std::fs::create_dir(tmp.join("fs"))?;
+            // Explicitly, so the umask cannot change it (containerd relies on the umask).
+            std::fs::set_permissions(tmp.join("fs"), std::fs::Permissions::from_mode(0o755))?;
+            if kind == Kind::Active {
+                std::fs::create_dir(tmp.join("work"))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(Error::io("create snapshot dir", &tmp, e));
+        }
+        let tx = match meta.write() {
+            Ok(tx) => tx,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let result = (|| -> Result<(i64, Vec<i64>)> {
+            if meta::get(&tx, key)?.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {key:?} already exists"
+                )));
+            }
+            let parent_id = if parent.is_empty() {
+                None
+            } else {
+                let p = meta::get(&tx, parent)?.ok_or_else(|| {
+                    Error::NotFound(format!("parent snapshot {parent:?} does not exist"))
+                })?;
+                if p.kind != Kind::Committed {
+                    return Err(Error::InvalidArgument(format!(
+                        "parent {parent:?} is not a committed snapshot"
+                    )));
+                }
+                Some(p.id)
+            };
+            let boot = volatile.then_some(self.boot_id.as_str());
+            let id = meta::insert(&tx, key, parent_id, kind, now_ns(), boot, &labels)?;
+            let chain = meta::chain(&tx, id)?;
+            std::fs::rename(&tmp, self.dir(id))
+                .map_err(|e| Error::io("rename into place", self.dir(id), e))?;
+            Ok((id, chain))
+        })();
+        let (id, chain) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                drop(tx);
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        if let Err(e) = tx.commit() {
+            let _ = std::fs::remove_dir_all(self.dir(id));
+            return Err(Error::Db {
+                op: "commit",
+                err: e,
+            });
+        }
+        drop(meta);
+        tracing::debug!(key, parent, ?kind, id, "created snapshot");
+        Ok(self.mounts_of(id, kind, &chain, volatile))
+    }
+
+    /// containerd's mount rules: a bind mount without parents or for a one-layer view, an
+    /// overlay otherwise; read-only views have no upper.
+    fn mounts_of(&self, id: i64, kind: Kind, chain: &[i64], volatile: bool) -> Vec<Mount> {
+        if chain.is_empty() {
+            return vec![Mount::bind(&self.fs_dir(id), kind == Kind::View)];
+        }
+        if kind == Kind::View && chain.len() == 1 {
+            return vec![Mount::bind(&self.fs_dir(chain[0]), true)];
+        }
+        let lowers = chain.iter().map(|&p| self.fs_dir(p)).collect();
+        let (upper, work) = if kind == Kind::Active {
+            (Some(self.fs_dir(id)), Some(self.dir(id).join("work")))
+        } else {
+            (None, None)
+        };
+        let mut options = self.options;
+        options.volatile = volatile;
+        if volatile {
+            // The kernel leaves work/work/incompat/volatile after a volatile mount and refuses
+            // to mount over it again. Within one boot nothing was lost, so it may go (the
+            // restart case is handled at start).
+            let _ = std::fs::remove_dir_all(self.dir(id).join("work/work/incompat/volatile"));
+        }
+        vec![
+            Overlay {
+                lowers,
+                upper,
+                work,
+                options,
+            }
+            .to_mount(),
+        ]
+    }
+
+    /// The mounts of an existing active snapshot or view.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let mut meta = self.lock();
+        let tx = meta.read()?;
+        let row = meta::get(&tx, key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        if row.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed: mount it through a view or an active child"
+            )));
+        }
+        let chain = meta::chain(&tx, row.id)?;
+        drop(tx);
+        drop(meta);
+        Ok(self.mounts_of(row.id, row.kind, &chain, row.boot_id.is_some()))
+    }
+
+    /// Commits active snapshot `key` as `name`; `parent` rebases it onto another committed
+    /// snapshot. The upper is synced first, so an acknowledged commit survives a crash.
+    pub fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+        parent: Option<&str>,
+    ) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "commit name must not be empty".into(),
+            ));
+        }
+        validate_labels(&labels)?;
+        let row = {
+            let mut meta = self.lock();
+            let tx = meta.read()?;
+            meta::get(&tx, key)?
+                .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
+        };
+        if row.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        let fs = self.fs_dir(row.id);
+        let f = std::fs::File::open(&fs).map_err(|e| Error::io("open", &fs, e))?;
+        nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", &fs, e.into()))?;
+        let usage = du(&fs)?;
+        let mut meta = self.lock();
+        let tx = meta.write()?;
+        let now = meta::get(&tx, key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        if now.id != row.id || now.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} changed during commit"
+            )));
+        }
+        if meta::get(&tx, name)?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "snapshot {name:?} already exists"
+            )));
+        }
+        let parent_id = match parent.filter(|p| !p.is_empty()) {
+            None => row.parent_id,
+            Some(p) => {
+                let prow = meta::get(&tx, p)?.ok_or_else(|| {
+                    Error::NotFound(format!("parent snapshot {p:?} does not exist"))
+                })?;
+                if prow.kind != Kind::Committed {
+                    return Err(Error::InvalidArgument(format!(
+                        "parent {p:?} is not a committed snapshot"
+                    )));
+                }
+                Some(prow.id)
+            }
+        };
+        meta::commit(
+            &tx,
+            row.id,
+            name,
+            parent_id,
+            now_ns(),
+            usage.size,
+            usage.inodes,
+            &labels,
+        )?;
+        tx.commit().map_err(Error::db("commit"))?;
+        tracing::debug!(name, key, id = row.id, "committed snapshot");
+        Ok(())
+    }
+
+    /// Removes snapshot `key`, which must have no children. Its directories are renamed away in
+    /// the transaction and deleted off the request path.
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let mut meta = self.lock();
+        let tx = meta.write()?;
+        let row = meta::get(&tx, key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        if meta::has_children(&tx, row.id)? {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot remove snapshot {key:?}: it has dependent snapshots"
+            )));
+        }
+        meta::delete(&tx, row.id)?;
+        let (dir, gone) = (
+            self.dir(row.id),
+            self.snapshots().join(format!("rm-{}", row.id)),
+        );
+        let moved = match std::fs::rename(&dir, &gone) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io("rename away", &dir, e)),
+        };
+        if let Err(e) = tx.commit() {
+            if moved {
+                let _ = std::fs::rename(&gone, &dir);
+            }
+            return Err(Error::Db {
+                op: "commit",
+                err: e,
+            });
+        }
+        drop(meta);
+        if moved {
+            self.reap(gone);
+        }
+        tracing::debug!(key, id = row.id, "removed snapshot");
+        Ok(())
+    }
+
+    /// The snapshot `key`.
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        let mut meta = self.lock();
+        let tx = meta.read()?;
+        let row = meta::get(&tx, key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        Ok(Info::from(&row))
+    }
+
+    /// Updates the labels of `info.name`: all of them with no field paths, or those named by
+    /// `labels` / `labels.KEY` paths. Other fields are immutable.
+    pub fn update(&self, info: &Info, paths: &[String]) -> Result<Info> {
+        let mut meta = self.lock();
+        let tx = meta.write()?;
+        let row = meta::get(&tx, &info.name)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {:?} does not exist", info.name)))?;
+        let mut labels = row.labels.clone();
+        if paths.is_empty() {
+            labels = info.labels.clone();
+        }
+        for p in paths {
+            if p == "labels" {
+                labels = info.labels.clone();
+            } else if let Some(k) = p.strip_prefix("labels.") {
+                match info.labels.get(k) {
+                    Some(v) => labels.insert(k.to_string(), v.clone()),
+                    None => labels.remove(k),
+                };
+            } else {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot update {p:?} field on snapshot {:?}",
+                    info.name
+                )));
+            }
+        }
+        validate_labels(&labels)?;
+        meta::set_labels(&tx, row.id, &labels)?;
+        meta::touch(&tx, row.id, now_ns())?;
+        let updated = meta::get(&tx, &info.name)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {:?} does not exist", info.name)))?;
+        tx.commit().map_err(Error::db("commit"))?;
+        Ok(Info::from(&updated))
+    }
+
+    /// Every snapshot that matches any of `filters` (all when empty), by key.
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        let parsed: Vec<Filter> = filters
+            .iter()
+            .map(|f| Filter::parse(f))
+            .collect::<Result<_>>()?;
+        let rows = {
+            let mut meta = self.lock();
+            let tx = meta.read()?;
+            meta::all(&tx)?
+        };
+        Ok(rows
+            .iter()
+            .map(Info::from)
+            .filter(|i| filter::any_matches(&parsed, i))
+            .collect())
+    }
+
+    /// Disk usage: measured now for an active snapshot, recorded at commit otherwise.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let row = {
+            let mut meta = self.lock();
+            let tx = meta.read()?;
+            meta::get(&tx, key)?
+                .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
+        };
+        match row.kind {
+            Kind::Active => du(&self.fs_dir(row.id)),
+            _ => Ok(Usage {
+                size: row.size,
+                inodes: row.inodes,
+            }),
+        }
+    }
+
+    /// Removes every directory under `snapshots/` that no record points to (leftovers of a
+    /// crash, removed snapshots not yet deleted).
+    pub fn cleanup(&self) -> Result<()> {
+        let meta = &mut *self.lock();
+        let ids = {
+            let tx = meta.read()?;
+            meta::ids(&tx)?
+        };
+        let dir = self.snapshots();
+        let mut orphans = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io("read dir", &dir, e))? {
+            let e = e.map_err(|e| Error::io("read dir", &dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.parse::<i64>().is_ok_and(|id| ids.contains(&id)) {
+                continue;
+            }
+            orphans.push(e.path());
+        }
+        for p in orphans {
+            tracing::info!(path = %p.display(), "removing a directory no snapshot owns");
+            // Renamed out of the id namespace first, so a half-deleted orphan never looks live.
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let target = if name.starts_with("rm-") {
+                p.clone()
+            } else {
+                dir.join(format!("rm-orphan-{name}"))
+            };
+            if target != p {
+                std::fs::rename(&p, &target).map_err(|e| Error::io("rename away", &p, e))?;
+            }
+            self.reap(target);
+        }
+        Ok(())
+    }
+
+    /// Volatile snapshots created before the machine last booted may have lost writes: the
+    /// kernel asks that they be thrown away. They are reported and removed.
+    fn discard_stale_volatile(&self) -> Result<()> {
+        let stale: Vec<Row> = {
+            let mut meta = self.lock();
+            let tx = meta.read()?;
+            meta::all(&tx)?
+                .into_iter()
+                .filter(|r| {
+                    r.kind == Kind::Active
+                        && r.boot_id.as_deref().is_some_and(|b| b != self.boot_id)
+                })
+                .collect()
+        };
+        for r in stale {
+            tracing::warn!(key = %r.key, "discarding volatile snapshot: the machine restarted since it was mounted without syncs");
+            self.remove(&r.key)?;
+        }
+        Ok(())
+    }
+
+    /// The id of `key` (for tests and tools).
+    pub fn id_of(&self, key: &str) -> Result<i64> {
+        let mut meta = self.lock();
+        let tx = meta.read()?;
+        Ok(meta::get(&tx, key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
+            .id)
+    }
+}
