@@ -10,8 +10,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Real tools the tests run: umoci and skopeo (image interop), GNU tar (sparse archives, bench
-# reference), attr (getfattr for debugging), kmod (overlay module).
-packages=(umoci skopeo tar attr kmod)
+# reference), attr (getfattr), kmod (overlay module), containerd + runc (the proxy-plugin
+# end-to-end test), busybox-static (the test image's userland). The conformance suite's own
+# setup installs Go and containerd's sources.
+packages=(umoci skopeo tar attr kmod containerd runc busybox-static)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,3 +42,14 @@ cargo build --release --quiet -p strata-runtime
 ./target/release/strata demo
 echo "== cargo test"
 cargo test --workspace --no-fail-fast
+
+echo "== containerd's snapshotter conformance suite against strata snapshotter serve"
+shared="$(cd .. && pwd)/shared"
+if [ ! -x "$shared/conformance/run.sh" ]; then
+  echo "scripts/test-all.sh: $shared/conformance is missing (CI puts ../shared beside the clone)" >&2
+  exit 1
+fi
+export CONFORMANCE_BUILD="$PWD/target/conformance"
+bash "$shared/conformance/setup.sh"
+(umask 022 && bash "$shared/conformance/run.sh" proxy \
+  --server "$PWD/target/release/strata snapshotter serve --root {root} --address {socket}")

@@ -168,6 +168,16 @@ impl Snapshotter {
     /// Opens (or creates) the store at `root`, sweeps directories no record points to, and
     /// discards volatile snapshots that did not survive a restart of the machine.
     pub fn open(root: &Path, mode: Mode) -> Result<Snapshotter> {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Self::open_at_boot(root, mode, boot_id)
+    }
+
+    /// [`Snapshotter::open`] as if the machine's boot id were `boot_id`: tests and tools use it
+    /// to simulate a reboot.
+    pub fn open_at_boot(root: &Path, mode: Mode, boot_id: String) -> Result<Snapshotter> {
         let options = match mode {
             Mode::Fuse => {
                 return Err(Error::Unsupported("--mode fuse needs Strata's FUSE filesystem, which is not built yet (the FUSE issue); use --mode overlay".into()));
@@ -201,16 +211,13 @@ impl Snapshotter {
             .name("strata-reaper".into())
             .spawn(move || {
                 for p in rx {
-                    if let Err(e) = std::fs::remove_dir_all(&p) {
+                    // A dir can be queued twice (Remove, then a Cleanup that saw it): gone is fine.
+                    if let Err(e) = std::fs::remove_dir_all(&p).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) {
                         tracing::error!(path = %p.display(), %e, "removing a deleted snapshot's directory");
                     }
                 }
             })
             .map_err(|e| Error::io("spawn reaper", root, e))?;
-        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
         let s = Snapshotter {
             root: root.to_path_buf(),
             meta: Mutex::new(meta),

@@ -1,3 +1,6 @@
 //! End-to-end tests of the `strata` binary.
 
+mod containerd;
+mod crash;
 mod layer;
+mod support;

@@ -1,0 +1,192 @@
+//! Shared helpers for the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// The `strata` binary under test.
+pub fn strata() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+}
+
+/// Panics unless root.
+pub fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
+        "these tests need root: run the suite as root"
+    );
+}
+
+/// Panics unless `cmd` is on PATH.
+pub fn require_command(cmd: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "this test needs `{cmd}` (scripts/test-all.sh installs it)"
+    );
+}
+
+/// Runs `cmd` and returns stdout, panicking with stderr on failure.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `cmd` and returns its output whatever the status.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// A scratch dir on the real disk, with a short path (unix sockets live in it).
+pub fn scratch() -> tempfile::TempDir {
+    std::fs::create_dir_all("/var/tmp").unwrap();
+    tempfile::Builder::new()
+        .prefix("st-")
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+/// Waits until `path` exists (a socket being created).
+pub fn wait_for(path: &Path, what: &str) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what} did not create {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A snapshotter server process, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    pub fn start(root: &Path, socket: &Path) -> Server {
+        let _ = std::fs::remove_file(socket);
+        let child = strata()
+            .args(["snapshotter", "serve", "--root"])
+            .arg(root)
+            .arg("--address")
+            .arg(socket)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(socket, "strata snapshotter serve");
+        Server {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds a two-layer OCI image with umoci from busybox-static: layer 1 has /etc/from-lower
+/// and /etc/to-delete, layer 2 deletes /etc/to-delete and adds /etc/upper-file. Returns the
+/// OCI layout directory.
+pub fn build_image(dir: &Path) -> PathBuf {
+    require_command("umoci");
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("busybox-static is needed for the test image");
+    let layout = dir.join("layout");
+    let bundle = dir.join("bundle");
+    let image = format!("{}:latest", layout.display());
+    ok(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&layout));
+    ok(Command::new("umoci").args(["new", "--image", &image]));
+    ok(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
+    let root = bundle.join("rootfs");
+    for d in ["bin", "etc", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for c in ["sh", "cat", "test", "ls", "echo", "true", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(c)).unwrap();
+    }
+    std::fs::write(root.join("etc/from-lower"), "from the lower layer\n").unwrap();
+    std::fs::write(root.join("etc/to-delete"), "deleted above\n").unwrap();
+    ok(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+    std::fs::remove_dir_all(&bundle).unwrap();
+    ok(Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle));
+    let root = bundle.join("rootfs");
+    std::fs::remove_file(root.join("etc/to-delete")).unwrap();
+    std::fs::write(root.join("etc/upper-file"), "from the upper layer\n").unwrap();
+    ok(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+    ok(Command::new("umoci").args(["config", "--image", &image, "--config.cmd", "/bin/sh"]));
+    layout
+}
+
+/// A gRPC client of the snapshotter on `socket`.
+pub async fn client(
+    socket: PathBuf,
+) -> strata_snapshotter::api::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient<
+    tonic::transport::Channel,
+> {
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:1")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    strata_snapshotter::api::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient::new(channel)
+}
