@@ -124,7 +124,7 @@ fn main() {
         let (am, alo, ahi) = median(a);
         let (bm, blo, bhi) = median(b);
         println!(
-            "| {name} | {am:.1} ({alo:.1}-{ahi:.1}) | {bm:.1} ({blo:.1}-{bhi:.1}) | {:.3} |",
+            "| {name} | {am:.1} ({alo:.1}-{ahi:.1}) | {bm:.1} ({blo:.1}-{bhi:.1}) | {:.4} |",
             am / bm
         );
     }

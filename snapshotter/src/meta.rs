@@ -10,6 +10,10 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
+/// Reads and writes take a connection: a [`Transaction`] derefs to one, and reads made under
+/// the store's lock (the only user of the database) need no transaction of their own.
+pub type Conn = Connection;
+
 use crate::{Error, Result};
 
 /// containerd's snapshot kinds.
@@ -137,16 +141,22 @@ impl Meta {
             .map_err(Error::db("begin"))
     }
 
-    /// Starts a read transaction.
-    pub fn read(&mut self) -> Result<Transaction<'_>> {
-        self.conn
-            .transaction_with_behavior(TransactionBehavior::Deferred)
-            .map_err(Error::db("begin"))
+    /// The connection, for reads: the caller holds the store's lock, so no write can
+    /// interleave and single reads need no transaction.
+    pub fn conn(&self) -> &Conn {
+        &self.conn
     }
 }
 
-const SELECT: &str = "SELECT s.id, s.key, s.parent_id, COALESCE(p.key, ''), s.kind, s.created, s.updated, s.size, s.inodes, s.boot_id
-     FROM snapshots s LEFT JOIN snapshots p ON s.parent_id = p.id";
+macro_rules! select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT s.id, s.key, s.parent_id, COALESCE(p.key, ''), s.kind, s.created, s.updated, s.size, s.inodes, s.boot_id ",
+            "FROM snapshots s LEFT JOIN snapshots p ON s.parent_id = p.id ",
+            $tail
+        )
+    };
+}
 
 fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Row, i64)> {
     Ok((
@@ -167,25 +177,28 @@ fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Row, i64)> {
     ))
 }
 
-fn finish(tx: &Transaction<'_>, (mut row, kind): (Row, i64)) -> Result<Row> {
+fn finish(tx: &Conn, (mut row, kind): (Row, i64)) -> Result<Row> {
     row.kind = Kind::from_i64(kind)?;
     row.labels = labels(tx, row.id)?;
     Ok(row)
 }
 
 /// The snapshot with key `key`.
-pub fn get(tx: &Transaction<'_>, key: &str) -> Result<Option<Row>> {
-    let r = tx
-        .query_row(&format!("{SELECT} WHERE s.key = ?1"), [key], row_of)
+pub fn get(tx: &Conn, key: &str) -> Result<Option<Row>> {
+    let mut stmt = tx
+        .prepare_cached(select!("WHERE s.key = ?1"))
+        .map_err(Error::db("get snapshot"))?;
+    let r = stmt
+        .query_row([key], row_of)
         .optional()
         .map_err(Error::db("get snapshot"))?;
     r.map(|r| finish(tx, r)).transpose()
 }
 
 /// Every snapshot, ordered by key.
-pub fn all(tx: &Transaction<'_>) -> Result<Vec<Row>> {
+pub fn all(tx: &Conn) -> Result<Vec<Row>> {
     let mut stmt = tx
-        .prepare(&format!("{SELECT} ORDER BY s.key"))
+        .prepare_cached(select!("ORDER BY s.key"))
         .map_err(Error::db("list snapshots"))?;
     let rows: Vec<(Row, i64)> = stmt
         .query_map([], row_of)
@@ -220,7 +233,7 @@ pub fn all(tx: &Transaction<'_>) -> Result<Vec<Row>> {
 }
 
 /// The labels of snapshot `id`.
-pub fn labels(tx: &Transaction<'_>, id: i64) -> Result<BTreeMap<String, String>> {
+pub fn labels(tx: &Conn, id: i64) -> Result<BTreeMap<String, String>> {
     let mut stmt = tx
         .prepare_cached("SELECT name, value FROM labels WHERE snapshot = ?1")
         .map_err(Error::db("get labels"))?;
@@ -232,7 +245,7 @@ pub fn labels(tx: &Transaction<'_>, id: i64) -> Result<BTreeMap<String, String>>
 }
 
 /// Replaces the labels of snapshot `id`.
-pub fn set_labels(tx: &Transaction<'_>, id: i64, labels: &BTreeMap<String, String>) -> Result<()> {
+pub fn set_labels(tx: &Conn, id: i64, labels: &BTreeMap<String, String>) -> Result<()> {
     tx.execute("DELETE FROM labels WHERE snapshot = ?1", [id])
         .map_err(Error::db("clear labels"))?;
     let mut stmt = tx
@@ -247,7 +260,7 @@ pub fn set_labels(tx: &Transaction<'_>, id: i64, labels: &BTreeMap<String, Strin
 
 /// Inserts a new snapshot and returns its id.
 pub fn insert(
-    tx: &Transaction<'_>,
+    tx: &Conn,
     key: &str,
     parent_id: Option<i64>,
     kind: Kind,
@@ -268,7 +281,7 @@ pub fn insert(
 /// Turns active snapshot `id` into committed snapshot `name`.
 #[allow(clippy::too_many_arguments)]
 pub fn commit(
-    tx: &Transaction<'_>,
+    tx: &Conn,
     id: i64,
     name: &str,
     parent_id: Option<i64>,
@@ -286,7 +299,7 @@ pub fn commit(
 }
 
 /// Sets the update time of `id`.
-pub fn touch(tx: &Transaction<'_>, id: i64, now: i64) -> Result<()> {
+pub fn touch(tx: &Conn, id: i64, now: i64) -> Result<()> {
     tx.execute(
         "UPDATE snapshots SET updated = ?2 WHERE id = ?1",
         params![id, now],
@@ -296,7 +309,7 @@ pub fn touch(tx: &Transaction<'_>, id: i64, now: i64) -> Result<()> {
 }
 
 /// True when some snapshot has `id` as its parent.
-pub fn has_children(tx: &Transaction<'_>, id: i64) -> Result<bool> {
+pub fn has_children(tx: &Conn, id: i64) -> Result<bool> {
     tx.query_row(
         "SELECT EXISTS(SELECT 1 FROM snapshots WHERE parent_id = ?1)",
         [id],
@@ -306,14 +319,14 @@ pub fn has_children(tx: &Transaction<'_>, id: i64) -> Result<bool> {
 }
 
 /// Deletes snapshot `id` and its labels.
-pub fn delete(tx: &Transaction<'_>, id: i64) -> Result<()> {
+pub fn delete(tx: &Conn, id: i64) -> Result<()> {
     tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])
         .map_err(Error::db("delete snapshot"))
         .map(drop)
 }
 
 /// The ids of `id`'s ancestors, nearest first.
-pub fn chain(tx: &Transaction<'_>, id: i64) -> Result<Vec<i64>> {
+pub fn chain(tx: &Conn, id: i64) -> Result<Vec<i64>> {
     let mut stmt = tx
         .prepare_cached(
             "WITH RECURSIVE up(id, parent_id, depth) AS (
@@ -330,7 +343,7 @@ pub fn chain(tx: &Transaction<'_>, id: i64) -> Result<Vec<i64>> {
 }
 
 /// Every snapshot id.
-pub fn ids(tx: &Transaction<'_>) -> Result<HashSet<i64>> {
+pub fn ids(tx: &Conn) -> Result<HashSet<i64>> {
     let mut stmt = tx
         .prepare("SELECT id FROM snapshots")
         .map_err(Error::db("list ids"))?;

@@ -412,19 +412,46 @@ impl Snapshotter {
 
     /// The mounts of an existing active snapshot or view.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let mut meta = self.lock();
-        let tx = meta.read()?;
-        let row = meta::get(&tx, key)?
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
-        if row.kind == Kind::Committed {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key:?} is committed: mount it through a view or an active child"
-            )));
-        }
-        let chain = meta::chain(&tx, row.id)?;
-        drop(tx);
+        self.mounts_with(key, true).expect("waiting never gives up")
+    }
+
+    /// [`Snapshotter::mounts`], or `None` at once when the store is busy with a write: the
+    /// gRPC layer answers quick reads inline and sends only contended ones to the blocking pool.
+    pub fn try_mounts(&self, key: &str) -> Option<Result<Vec<Mount>>> {
+        self.mounts_with(key, false)
+    }
+
+    fn mounts_with(&self, key: &str, wait: bool) -> Option<Result<Vec<Mount>>> {
+        let meta = self.lock_or_skip(wait)?;
+        let found = (|| {
+            let db = meta.conn();
+            let row = meta::get(db, key)?
+                .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+            if row.kind == Kind::Committed {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is committed: mount it through a view or an active child"
+                )));
+            }
+            let chain = meta::chain(db, row.id)?;
+            Ok((row, chain))
+        })();
         drop(meta);
-        Ok(self.mounts_of(row.id, row.kind, &chain, row.boot_id.is_some()))
+        Some(
+            found.map(|(row, chain)| {
+                self.mounts_of(row.id, row.kind, &chain, row.boot_id.is_some())
+            }),
+        )
+    }
+
+    fn lock_or_skip(&self, wait: bool) -> Option<std::sync::MutexGuard<'_, Meta>> {
+        if wait {
+            return Some(self.lock());
+        }
+        match self.meta.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Commits active snapshot `key` as `name`; `parent` rebases it onto another committed
@@ -443,9 +470,9 @@ impl Snapshotter {
         }
         validate_labels(&labels)?;
         let row = {
-            let mut meta = self.lock();
-            let tx = meta.read()?;
-            meta::get(&tx, key)?
+            let meta = self.lock();
+            let db = meta.conn();
+            meta::get(db, key)?
                 .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
         };
         if row.kind != Kind::Active {
@@ -541,11 +568,20 @@ impl Snapshotter {
 
     /// The snapshot `key`.
     pub fn stat(&self, key: &str) -> Result<Info> {
-        let mut meta = self.lock();
-        let tx = meta.read()?;
-        let row = meta::get(&tx, key)?
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
-        Ok(Info::from(&row))
+        self.stat_with(key, true).expect("waiting never gives up")
+    }
+
+    /// [`Snapshotter::stat`], or `None` at once when the store is busy with a write.
+    pub fn try_stat(&self, key: &str) -> Option<Result<Info>> {
+        self.stat_with(key, false)
+    }
+
+    fn stat_with(&self, key: &str, wait: bool) -> Option<Result<Info>> {
+        let meta = self.lock_or_skip(wait)?;
+        let row = meta::get(meta.conn(), key).and_then(|r| {
+            r.ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))
+        });
+        Some(row.map(|r| Info::from(&r)))
     }
 
     /// Updates the labels of `info.name`: all of them with no field paths, or those named by
@@ -590,9 +626,9 @@ impl Snapshotter {
             .map(|f| Filter::parse(f))
             .collect::<Result<_>>()?;
         let rows = {
-            let mut meta = self.lock();
-            let tx = meta.read()?;
-            meta::all(&tx)?
+            let meta = self.lock();
+            let db = meta.conn();
+            meta::all(db)?
         };
         Ok(rows
             .iter()
@@ -604,9 +640,9 @@ impl Snapshotter {
     /// Disk usage: measured now for an active snapshot, recorded at commit otherwise.
     pub fn usage(&self, key: &str) -> Result<Usage> {
         let row = {
-            let mut meta = self.lock();
-            let tx = meta.read()?;
-            meta::get(&tx, key)?
+            let meta = self.lock();
+            let db = meta.conn();
+            meta::get(db, key)?
                 .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
         };
         match row.kind {
@@ -623,8 +659,8 @@ impl Snapshotter {
     pub fn cleanup(&self) -> Result<()> {
         let meta = &mut *self.lock();
         let ids = {
-            let tx = meta.read()?;
-            meta::ids(&tx)?
+            let db = meta.conn();
+            meta::ids(db)?
         };
         let dir = self.snapshots();
         let mut orphans = Vec::new();
@@ -660,9 +696,9 @@ impl Snapshotter {
     /// kernel asks that they be thrown away. They are reported and removed.
     fn discard_stale_volatile(&self) -> Result<()> {
         let stale: Vec<Row> = {
-            let mut meta = self.lock();
-            let tx = meta.read()?;
-            meta::all(&tx)?
+            let meta = self.lock();
+            let db = meta.conn();
+            meta::all(db)?
                 .into_iter()
                 .filter(|r| {
                     r.kind == Kind::Active
@@ -679,9 +715,9 @@ impl Snapshotter {
 
     /// The id of `key` (for tests and tools).
     pub fn id_of(&self, key: &str) -> Result<i64> {
-        let mut meta = self.lock();
-        let tx = meta.read()?;
-        Ok(meta::get(&tx, key)?
+        let meta = self.lock();
+        let db = meta.conn();
+        Ok(meta::get(db, key)?
             .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
             .id)
     }
