@@ -47,19 +47,7 @@ fn start(cmd: &mut Command, socket: &Path) -> Proc {
 }
 
 async fn client(socket: PathBuf) -> Client {
-    let ch = tonic::transport::Endpoint::try_from("http://[::]:1")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let p = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    Client::new(ch)
+    strata_snapshotter::connect(&socket).await.unwrap()
 }
 
 const OPS: [&str; 6] = [

@@ -267,59 +267,6 @@ fn proc_path(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<CString> {
     cstr(&p)
 }
 
-/// `lgetxattr(2)` of `name` below `dir` (the last component is not followed). `Ok(None)` when the
-/// attribute is absent.
-pub fn lgetxattr(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<Option<Vec<u8>>> {
-    let path = proc_path(dir, name)?;
-    let mut buf = vec![0u8; 256];
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the strings are NUL-terminated.
-        let n = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                attr.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(Some(buf));
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ENODATA) => return Ok(None),
-            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 8, 0),
-            _ => return Err(e),
-        }
-    }
-}
-
-/// `llistxattr(2)` of `name` below `dir`: the attribute names.
-pub fn llistxattr(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<Vec<u8>>> {
-    let path = proc_path(dir, name)?;
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the path is NUL-terminated.
-        let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            break;
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 8, 0),
-            Some(libc::ENOTSUP) => return Ok(Vec::new()),
-            _ => return Err(e),
-        }
-    }
-    Ok(buf
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect())
-}
-
 /// `lsetxattr(2)` of `name` below `dir`.
 pub fn lsetxattr(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr, value: &[u8]) -> io::Result<()> {
     let path = proc_path(dir, name)?;
@@ -494,43 +441,15 @@ pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
 }
 
-/// `flistxattr(2)`: the attribute names of an open file.
-pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
-        let n = unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            break;
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 8, 0),
-            Some(libc::ENOTSUP) => return Ok(Vec::new()),
-            _ => return Err(e),
-        }
-    }
-    Ok(buf
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect())
-}
-
-/// `fgetxattr(2)`; `Ok(None)` when the attribute is absent.
-pub fn fgetxattr(fd: BorrowedFd<'_>, attr: &CStr) -> io::Result<Option<Vec<u8>>> {
+/// Calls an xattr syscall that fills a buffer, growing it on `ERANGE` (up to 1 MiB). `Ok(None)`
+/// for `ENODATA` (no such attribute) and, when `absent_ok`, `ENOTSUP` (no xattrs here).
+fn xattr_buf(
+    absent_ok: bool,
+    mut call: impl FnMut(&mut [u8]) -> isize,
+) -> io::Result<Option<Vec<u8>>> {
     let mut buf = vec![0u8; 256];
     loop {
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `attr` is NUL-terminated.
-        let n = unsafe {
-            libc::fgetxattr(
-                fd.as_raw_fd(),
-                attr.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = call(&mut buf);
         if n >= 0 {
             buf.truncate(n as usize);
             return Ok(Some(buf));
@@ -538,8 +457,69 @@ pub fn fgetxattr(fd: BorrowedFd<'_>, attr: &CStr) -> io::Result<Option<Vec<u8>>>
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::ENODATA) => return Ok(None),
+            Some(libc::ENOTSUP) if absent_ok => return Ok(None),
             Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 8, 0),
             _ => return Err(e),
         }
     }
+}
+
+/// Splits a NUL-separated xattr name list.
+fn names(list: Option<Vec<u8>>) -> Vec<Vec<u8>> {
+    list.unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// `lgetxattr(2)` of `name` below `dir` (the last component is not followed). `Ok(None)` when
+/// the attribute is absent.
+pub fn lgetxattr(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<Option<Vec<u8>>> {
+    let path = proc_path(dir, name)?;
+    xattr_buf(false, |buf| {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the strings are NUL-terminated.
+        unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                attr.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        }
+    })
+}
+
+/// `llistxattr(2)` of `name` below `dir`: the attribute names.
+pub fn llistxattr(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<Vec<u8>>> {
+    let path = proc_path(dir, name)?;
+    xattr_buf(true, |buf| {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the path is NUL-terminated.
+        unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+    })
+    .map(names)
+}
+
+/// `fgetxattr(2)`; `Ok(None)` when the attribute is absent.
+pub fn fgetxattr(fd: BorrowedFd<'_>, attr: &CStr) -> io::Result<Option<Vec<u8>>> {
+    xattr_buf(false, |buf| {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `attr` is NUL-terminated.
+        unsafe {
+            libc::fgetxattr(
+                fd.as_raw_fd(),
+                attr.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        }
+    })
+}
+
+/// `flistxattr(2)`: the attribute names of an open file.
+pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    xattr_buf(true, |buf| {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+        unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }
+    })
+    .map(names)
 }

@@ -42,6 +42,6 @@ pub mod api {
 }
 
 pub use error::{Error, Result};
-pub use service::serve;
+pub use service::{connect, serve};
 pub use store::{Info, Mode, Snapshotter, Usage};
 pub use strata_overlay::{Mount, Overlay};

@@ -256,3 +256,24 @@ pub async fn serve(
     let _ = std::fs::remove_file(socket);
     result.map_err(|e| Error::io("serve", socket, std::io::Error::other(e.to_string())))
 }
+
+/// A client of the snapshots service listening on unix socket `socket` (as containerd dials a
+/// proxy plugin).
+pub async fn connect(
+    socket: &Path,
+) -> Result<pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>> {
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:0")
+        .map_err(|e| Error::io("connect", socket, std::io::Error::other(e.to_string())))?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| Error::io("connect", socket, std::io::Error::other(e.to_string())))?;
+    Ok(pb::snapshots_client::SnapshotsClient::new(channel))
+}

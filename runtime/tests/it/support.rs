@@ -176,17 +176,5 @@ pub async fn client(
 ) -> strata_snapshotter::api::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient<
     tonic::transport::Channel,
 > {
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:1")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let p = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    strata_snapshotter::api::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient::new(channel)
+    strata_snapshotter::connect(&socket).await.unwrap()
 }

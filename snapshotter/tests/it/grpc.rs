@@ -2,11 +2,10 @@
 
 use std::sync::Arc;
 
-use hyper_util::rt::TokioIo;
 use strata_snapshotter::api::containerd::services::snapshots::v1 as pb;
-use strata_snapshotter::{Mode, Snapshotter, serve};
+use strata_snapshotter::{Mode, Snapshotter, connect, serve};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::support::{require_root, scratch};
 
@@ -19,17 +18,7 @@ async fn client(socket: std::path::PathBuf) -> SnapshotsClient<Channel> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let channel = Endpoint::try_from("http://[::]:1")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .unwrap();
-    SnapshotsClient::new(channel)
+    connect(&socket).await.unwrap()
 }
 
 fn prepare(key: &str, parent: &str) -> pb::PrepareSnapshotRequest {
