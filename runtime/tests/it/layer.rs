@@ -350,7 +350,12 @@ fn rootless_apply_and_userxattr_mount_as_nobody() {
         .arg(&blob)
         .arg("."));
     std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let bin = env!("CARGO_BIN_EXE_strata");
+    // The binary may sit below a directory uid 65534 cannot enter (a clone in a private temp
+    // dir): run a copy from the scratch dir.
+    let bin = d.join("strata");
+    std::fs::copy(env!("CARGO_BIN_EXE_strata"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = bin.display();
     let script = format!(
         "set -e; cd {d}; {bin} layer apply --rootless --bottom l.tar base; mkdir u w m; {bin} mount --lower base --upper u --work w m; \
          rm m/etc/f; echo new > m/etc/g; {bin} umount m; {bin} info --dir {d} | grep -q 'User Namespace: true'",
