@@ -11,3 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod demo;
+mod error;
+pub mod image;
+
+pub use error::{Error, Result};

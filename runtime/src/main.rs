@@ -1,6 +1,7 @@
 //! `strata`: the command line.
 
 mod cli;
+mod images;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -30,7 +31,21 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let root = images::root(cli.root.clone());
     match cli.command {
+        Command::Load { input, quiet } => images::cmd_load(&root, &input, quiet),
+        Command::Save {
+            output,
+            images: names,
+        } => images::cmd_save(&root, &output, &names),
+        Command::Images(a) => images::cmd_images(&root, &a),
+        Command::Tag { source, target } => images::cmd_tag(&root, &source, &target),
+        Command::Rmi {
+            force,
+            images: names,
+        } => images::cmd_rmi(&root, &names, force),
+        Command::Inspect { images: names } => images::cmd_inspect(&root, &names),
+        Command::History { image, quiet } => images::cmd_history(&root, &image, quiet),
         Command::Layer(LayerCommand::Apply(a)) => layer_apply(a),
         Command::Layer(LayerCommand::Diff(a)) => layer_diff(a),
         Command::Layer(LayerCommand::Changes(a)) => layer_changes(a),

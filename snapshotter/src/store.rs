@@ -713,6 +713,25 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// The layer directory of active snapshot `key` (its upper dir), and the layer directories
+    /// of its parents, nearest first: what an in-process applier writes into and sits on.
+    pub fn layer_dirs(&self, key: &str) -> Result<(PathBuf, Vec<PathBuf>)> {
+        let meta = self.lock();
+        let db = meta.conn();
+        let row = meta::get(db, key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        if row.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        let parents = meta::chain(db, row.id)?
+            .into_iter()
+            .map(|id| self.fs_dir(id))
+            .collect();
+        Ok((self.fs_dir(row.id), parents))
+    }
+
     /// The id of `key` (for tests and tools).
     pub fn id_of(&self, key: &str) -> Result<i64> {
         let meta = self.lock();

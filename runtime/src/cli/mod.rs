@@ -8,6 +8,9 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "strata", version, about, propagate_version = true)]
 pub struct Cli {
+    /// The store's root (default: /var/lib/strata as root, $XDG_DATA_HOME/strata otherwise).
+    #[arg(long, global = true, env = "STRATA_ROOT")]
+    pub root: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `strata_overlay=debug`.
     #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]
     pub log: String,
@@ -19,6 +22,56 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Load images from an OCI layout archive or a `docker save` archive.
+    Load {
+        /// The archive.
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Print nothing but errors.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Save images to an OCI image layout archive.
+    Save {
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Images (references or IDs).
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// List images.
+    Images(ImagesArgs),
+    /// Give an image another name.
+    Tag {
+        /// Source image (reference or ID).
+        source: String,
+        /// New reference.
+        target: String,
+    },
+    /// Remove images (untag, and delete once no tag is left).
+    Rmi {
+        /// Remove an image referenced by several tags, by ID.
+        #[arg(short, long)]
+        force: bool,
+        /// Images (references or IDs).
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Show an image's configuration as JSON.
+    Inspect {
+        /// Images (references or IDs).
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Show an image's layers with their size and the command that made them.
+    History {
+        /// The image.
+        image: String,
+        /// Only image IDs.
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Work with layer blobs and layer directories.
     #[command(subcommand)]
     Layer(LayerCommand),
@@ -187,4 +240,21 @@ pub enum SnapshotterCommand {
         #[arg(long, default_value = "overlay")]
         mode: String,
     },
+}
+
+/// `strata images`
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Show all images (intermediate ones too).
+    #[arg(short, long)]
+    pub all: bool,
+    /// Only image IDs.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Filter: `dangling=true|false`, `reference=PATTERN`.
+    #[arg(short, long)]
+    pub filter: Vec<String>,
+    /// Output format: `table` or `json` (one object a line).
+    #[arg(long, default_value = "table")]
+    pub format: String,
 }

@@ -2,5 +2,6 @@
 
 mod containerd;
 mod crash;
+mod images;
 mod layer;
 mod support;

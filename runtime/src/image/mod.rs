@@ -1,0 +1,211 @@
+//! Images: the content store, references, archives (load/save), and unpacking layers into
+//! shared snapshots by chain ID.
+
+mod archive;
+mod reference;
+mod store;
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{ImageConfiguration, ImageManifest};
+use strata_overlay::{ApplyOptions, Digest};
+use strata_snapshotter::{Mode, Snapshotter};
+
+pub use archive::{load, save};
+pub use reference::Reference;
+pub use store::{Image, Store, chain_id};
+
+use crate::{Error, Result};
+
+/// The label containerd's unpacker puts on extraction snapshots (never made volatile).
+const UNPACK_LABEL: &str = "containerd.io/snapshot.ref";
+
+/// The image store plus the snapshot store its layers live in.
+pub struct Images {
+    /// The image and content store.
+    pub store: Store,
+    snap_root: PathBuf,
+    snap: Option<Snapshotter>,
+}
+
+/// A parsed image: its manifest and config.
+pub struct Parsed {
+    /// The manifest.
+    pub manifest: ImageManifest,
+    /// The config.
+    pub config: ImageConfiguration,
+}
+
+fn digest_of(d: &oci_spec::image::Digest) -> Result<Digest> {
+    d.to_string()
+        .parse()
+        .map_err(|e: strata_overlay::Error| Error::Invalid(e.to_string()))
+}
+
+impl Images {
+    /// Opens the stores below `root`.
+    pub fn open(root: &Path) -> Result<Images> {
+        Ok(Images {
+            store: Store::open(root)?,
+            snap_root: root.join("snapshotter"),
+            snap: None,
+        })
+    }
+
+    /// The snapshot store, opened on first use (it probes the kernel).
+    pub fn snapshotter(&mut self) -> Result<&Snapshotter> {
+        if self.snap.is_none() {
+            self.snap = Some(Snapshotter::open(&self.snap_root, Mode::Overlay)?);
+        }
+        Ok(self.snap.as_ref().expect("just opened"))
+    }
+
+    /// Reads and parses the manifest and config of `img`.
+    pub fn parse(&self, img: &Image) -> Result<Parsed> {
+        let m = self.store.read_blob(&img.manifest)?;
+        let manifest = ImageManifest::from_reader(&m[..])
+            .map_err(|e| Error::Invalid(format!("manifest {}: {e}", img.manifest)))?;
+        let c = self.store.read_blob(&img.config)?;
+        let config = ImageConfiguration::from_reader(&c[..])
+            .map_err(|e| Error::Invalid(format!("config {}: {e}", img.config)))?;
+        Ok(Parsed { manifest, config })
+    }
+
+    /// The chain IDs of an image's layers, bottom first.
+    pub fn chains(parsed: &Parsed) -> Result<Vec<Digest>> {
+        let mut out: Vec<Digest> = Vec::new();
+        for d in parsed.config.rootfs().diff_ids() {
+            let diff: Digest = d
+                .parse()
+                .map_err(|e: strata_overlay::Error| Error::Invalid(e.to_string()))?;
+            out.push(chain_id(out.last(), &diff));
+        }
+        Ok(out)
+    }
+
+    /// Unpacks every layer of `parsed` not yet present, each verified against its digest and
+    /// diffID while it is applied. Returns the chains it created (for rollback) and the image's
+    /// unpacked size.
+    pub fn unpack(&mut self, parsed: &Parsed) -> Result<(Vec<Digest>, u64)> {
+        let diff_ids = parsed.config.rootfs().diff_ids().clone();
+        let layers = parsed.manifest.layers().clone();
+        if diff_ids.len() != layers.len() {
+            return Err(Error::Invalid(format!(
+                "image has {} layers but {} diffIDs",
+                layers.len(),
+                diff_ids.len()
+            )));
+        }
+        let rootless = !nix::unistd::geteuid().is_root();
+        let mut created = Vec::new();
+        let mut size = 0;
+        let mut parent: Option<Digest> = None;
+        self.snapshotter()?;
+        let (store, snap) = (&self.store, self.snap.as_ref().expect("opened above"));
+        let result = (|| -> Result<()> {
+            for (layer, diff) in layers.iter().zip(&diff_ids) {
+                let diff_id: Digest = diff
+                    .parse()
+                    .map_err(|e: strata_overlay::Error| Error::Invalid(e.to_string()))?;
+                let blob = digest_of(layer.digest())?;
+                let chain = chain_id(parent.as_ref(), &diff_id);
+                let name = chain.to_string();
+                if snap.stat(&name).is_ok() {
+                    size += store.layer_size(&chain)?.unwrap_or(0);
+                    parent = Some(chain);
+                    continue;
+                }
+                let key = format!("extract-{}-{}", std::process::id(), chain.hex());
+                let mut labels = std::collections::BTreeMap::new();
+                labels.insert(UNPACK_LABEL.to_string(), name.clone());
+                let parent_name = parent.map(|p| p.to_string()).unwrap_or_default();
+                snap.prepare(&key, &parent_name, labels)?;
+                let applied = (|| -> Result<u64> {
+                    let (upper, parents) = snap.layer_dirs(&key)?;
+                    let mut opts = if rootless {
+                        ApplyOptions::rootless()
+                    } else {
+                        ApplyOptions::default()
+                    };
+                    opts.expected_digest = Some(blob);
+                    opts.expected_diff_id = Some(diff_id);
+                    opts.parents = Some(parents);
+                    let r = strata_overlay::apply_file(&store.blob_path(&blob), &upper, &opts)?;
+                    snap.commit(&name, &key, Default::default(), None)?;
+                    Ok(r.uncompressed)
+                })();
+                match applied {
+                    Ok(n) => {
+                        store.record_layer(&chain, &diff_id, n)?;
+                        size += n;
+                        created.push(chain);
+                    }
+                    Err(e) => {
+                        let _ = snap.remove(&key);
+                        return Err(e);
+                    }
+                }
+                parent = Some(chain);
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok((created, size)),
+            Err(e) => {
+                self.drop_chains(&created);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the given layer snapshots, top first (best effort: used for rollback).
+    pub fn drop_chains(&mut self, chains: &[Digest]) {
+        for c in chains.iter().rev() {
+            if let Ok(s) = self.snapshotter() {
+                let _ = s.remove(&c.to_string());
+            }
+            let _ = self.store.forget_layer(c);
+        }
+    }
+
+    /// Deletes image `img`: its record, the layer snapshots and blobs no other image uses.
+    /// Returns the chains removed.
+    pub fn delete(&mut self, img: &Image) -> Result<Vec<Digest>> {
+        let parsed = self.parse(img)?;
+        let mine = Self::chains(&parsed)?;
+        self.store.delete(img)?;
+        let mut keep_chains = std::collections::HashSet::new();
+        let mut keep_blobs = std::collections::HashSet::new();
+        for other in self.store.images()? {
+            let p = self.parse(&other)?;
+            keep_chains.extend(Self::chains(&p)?);
+            keep_blobs.insert(other.manifest);
+            keep_blobs.insert(other.config);
+            for l in p.manifest.layers() {
+                keep_blobs.insert(digest_of(l.digest())?);
+            }
+        }
+        let mut removed = Vec::new();
+        for c in mine.iter().rev() {
+            if keep_chains.contains(c) {
+                break;
+            }
+            match self.snapshotter()?.remove(&c.to_string()) {
+                Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.store.forget_layer(c)?;
+            removed.push(*c);
+        }
+        let mut blobs = vec![img.manifest, img.config];
+        for l in parsed.manifest.layers() {
+            blobs.push(digest_of(l.digest())?);
+        }
+        for b in blobs {
+            if !keep_blobs.contains(&b) {
+                self.store.remove_blob(&b);
+            }
+        }
+        Ok(removed)
+    }
+}
