@@ -432,6 +432,131 @@ pub fn cmd_history(root: &Path, name: &str, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+pub fn cmd_run(root: &Path, a: crate::cli::RunArgs) -> Result<()> {
+    let mut images = open(root)?;
+    let o = strata_runtime::container::RunOptions {
+        image: a.image,
+        cmd: a.cmd,
+        name: a.name,
+        rm: a.rm,
+        env: a.env,
+        workdir: a.workdir,
+        hostname: a.hostname,
+        entrypoint: a.entrypoint,
+        read_only: a.read_only,
+        user: a.user,
+    };
+    let code =
+        strata_runtime::container::run(&mut images, root, &o).context("running the container")?;
+    // exit() skips destructors: close the stores first (the snapshotter finishes deletions).
+    drop(images);
+    std::process::exit(code);
+}
+
+pub fn cmd_ps(root: &Path, all: bool, quiet: bool, size: bool) -> Result<()> {
+    use strata_runtime::container;
+    let mut images = open(root)?;
+    let mut rows = Vec::new();
+    for c in container::list(root)? {
+        let cfg = c.config()?;
+        let (status, code) = container::status(&c.state()?);
+        if !all && status != "running" {
+            continue;
+        }
+        let shown = match (status.as_str(), code) {
+            ("running", _) => "Up".to_string(),
+            ("exited", Some(code)) => format!("Exited ({code})"),
+            (s, _) => s.to_string(),
+        };
+        let mut r = vec![
+            c.id[..12].to_string(),
+            cfg["Image"].as_str().unwrap_or_default().to_string(),
+            format!(
+                "{:?}",
+                cfg["Args"]
+                    .as_array()
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" "))
+                    .unwrap_or_default()
+            ),
+            shown,
+            cfg["Name"].as_str().unwrap_or_default().to_string(),
+        ];
+        if size {
+            let used = images
+                .snapshotter()?
+                .usage(&c.snapshot_key())
+                .map(|u| u.size as u64)
+                .unwrap_or(0);
+            let virt = images
+                .store
+                .resolve(cfg["ImageId"].as_str().unwrap_or_default())
+                .map(|i| i.size)
+                .unwrap_or(0);
+            r.push(format!(
+                "{} (virtual {})",
+                human_size(used),
+                human_size(used + virt)
+            ));
+        }
+        rows.push(r);
+    }
+    if quiet {
+        for r in rows {
+            println!("{}", r[0]);
+        }
+        return Ok(());
+    }
+    let mut head = vec!["CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "NAMES"];
+    if size {
+        head.push("SIZE");
+    }
+    if size {
+        let t: Vec<[String; 6]> = rows
+            .into_iter()
+            .map(|r| r.try_into().expect("six columns"))
+            .collect();
+        print_table(&[head[0], head[1], head[2], head[3], head[4], head[5]], &t);
+    } else {
+        let t: Vec<[String; 5]> = rows
+            .into_iter()
+            .map(|r| r.try_into().expect("five columns"))
+            .collect();
+        print_table(&[head[0], head[1], head[2], head[3], head[4]], &t);
+    }
+    Ok(())
+}
+
+pub fn cmd_rm(root: &Path, names: &[String]) -> Result<()> {
+    use strata_runtime::container;
+    let mut images = open(root)?;
+    let mut failed = false;
+    for n in names {
+        let r = (|| -> Result<()> {
+            let c = container::find(root, n)?;
+            if container::status(&c.state()?).0 == "running" {
+                bail!(
+                    "cannot remove container {n}: it is running (stop it first, or use -f once stop lands)"
+                );
+            }
+            container::run::remove(&mut images, &c)?;
+            println!("{n}");
+            Ok(())
+        })();
+        if let Err(e) = r {
+            eprintln!("Error response: {e:#}");
+            failed = true;
+        }
+    }
+    if failed {
+        bail!("some containers could not be removed");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,11 @@
 //! - `main.rs`: dispatch, errors with context (anyhow).
 #![deny(unsafe_code)]
 
+pub mod container;
 pub mod demo;
 mod error;
 pub mod image;
 
 pub use error::{Error, Result};
+
+mod sys;

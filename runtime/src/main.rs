@@ -16,6 +16,27 @@ use strata_overlay::{ApplyOptions, Compression, Digest, XattrNs, apply_file, pro
 use cli::{Cli, Command, LayerCommand, SnapshotterCommand, split_paths};
 
 fn main() {
+    // The container's own stages (see strata_runtime::container): not part of the CLI.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 3 && (args[1] == "__init" || args[1] == "__child") {
+        let dir = PathBuf::from(&args[2]);
+        let code = if args[1] == "__init" {
+            strata_runtime::container::init_main(&dir).unwrap_or_else(|e| {
+                eprintln!("strata: container init: {e}");
+                125
+            })
+        } else {
+            let e = strata_runtime::container::child_main(&dir);
+            eprintln!("strata: {e}");
+            if matches!(&e, strata_runtime::Error::Io { op: "exec", err, .. } if err.kind() == std::io::ErrorKind::NotFound)
+            {
+                127
+            } else {
+                126
+            }
+        };
+        std::process::exit(code);
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -33,6 +54,9 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let root = images::root(cli.root.clone());
     match cli.command {
+        Command::Run(a) => images::cmd_run(&root, a),
+        Command::Ps { all, quiet, size } => images::cmd_ps(&root, all, quiet, size),
+        Command::Rm { containers } => images::cmd_rm(&root, &containers),
         Command::Load { input, quiet } => images::cmd_load(&root, &input, quiet),
         Command::Save {
             output,

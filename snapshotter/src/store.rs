@@ -127,8 +127,22 @@ pub struct Snapshotter {
     meta: Mutex<Meta>,
     options: Options,
     boot_id: String,
-    reaper: Mutex<mpsc::Sender<PathBuf>>,
+    reaper: Mutex<Option<mpsc::Sender<PathBuf>>>,
+    reaper_thread: Option<std::thread::JoinHandle<()>>,
     counter: AtomicU64,
+}
+
+impl Drop for Snapshotter {
+    /// Finishes the deletions still queued, so a short-lived user (the CLI) leaves nothing.
+    fn drop(&mut self) {
+        self.reaper
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(t) = self.reaper_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
@@ -207,7 +221,7 @@ impl Snapshotter {
             .map_err(|e| Error::io("chmod", root, e))?;
         let meta = Meta::open(&root.join("metadata.db"))?;
         let (tx, rx) = mpsc::channel::<PathBuf>();
-        std::thread::Builder::new()
+        let reaper_thread = std::thread::Builder::new()
             .name("strata-reaper".into())
             .spawn(move || {
                 for p in rx {
@@ -223,7 +237,8 @@ impl Snapshotter {
             meta: Mutex::new(meta),
             options,
             boot_id,
-            reaper: Mutex::new(tx),
+            reaper: Mutex::new(Some(tx)),
+            reaper_thread: Some(reaper_thread),
             counter: AtomicU64::new(0),
         };
         s.discard_stale_volatile()?;
@@ -256,12 +271,15 @@ impl Snapshotter {
     }
 
     fn reap(&self, p: PathBuf) {
-        let r = self
+        let tx = self
             .reaper
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .send(p);
-        if let Err(mpsc::SendError(p)) = r {
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let unsent = match tx.as_ref() {
+            Some(tx) => tx.send(p).err().map(|mpsc::SendError(p)| p),
+            None => Some(p),
+        };
+        if let Some(p) = unsent {
             let _ = std::fs::remove_dir_all(p);
         }
     }

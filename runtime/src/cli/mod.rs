@@ -31,6 +31,26 @@ pub enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Run a command in a new container (in the foreground; exits with its exit code).
+    Run(RunArgs),
+    /// List containers.
+    Ps {
+        /// All containers, not only running ones.
+        #[arg(short, long)]
+        all: bool,
+        /// Only IDs.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Show the writable layer's size (and the virtual size).
+        #[arg(short, long)]
+        size: bool,
+    },
+    /// Remove containers.
+    Rm {
+        /// Containers (names or IDs).
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
     /// Save images to an OCI image layout archive.
     Save {
         /// Output file.
@@ -257,4 +277,38 @@ pub struct ImagesArgs {
     /// Output format: `table` or `json` (one object a line).
     #[arg(long, default_value = "table")]
     pub format: String,
+}
+
+/// `strata run`
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Remove the container when it exits.
+    #[arg(long)]
+    pub rm: bool,
+    /// Name the container.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Set an environment variable (`KEY=VALUE`, or `KEY` to pass this one's).
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// Hostname.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Override the image's entrypoint.
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Mount the root filesystem read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// User (`uid[:gid]` or a name from the image's /etc/passwd).
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// The image.
+    pub image: String,
+    /// Command and arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cmd: Vec<String>,
 }

@@ -4,4 +4,5 @@ mod containerd;
 mod crash;
 mod images;
 mod layer;
+mod run;
 mod support;
