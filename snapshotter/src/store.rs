@@ -8,10 +8,11 @@
 //! ROOT/snapshots/new-*        a snapshot being created (temp; renamed to <id> in its transaction)
 //! ROOT/snapshots/rm-<id>      a removed snapshot's dirs, being deleted off the request path
 //! ```
-//! Every change is one SQLite transaction; directories are created under a temp name and
-//! renamed into place inside it, and removed ones are renamed away inside it, so a kill at any
-//! instant leaves either the old or the new state. Directories no record points to are
-//! removed at start and by `cleanup`.
+//! Every change is one SQLite transaction. A new snapshot's directories are created under a
+//! temp name and renamed into place before its transaction commits; a removed snapshot's are
+//! renamed away after its transaction commits. Either way a kill at any instant leaves the old
+//! or the new state plus, at worst, a directory no record owns, which is removed at start and
+//! by `cleanup`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -558,27 +559,23 @@ impl Snapshotter {
             )));
         }
         meta::delete(&tx, row.id)?;
+        tx.commit().map_err(Error::db("commit"))?;
+        // Only after the commit: a kill before it leaves the record and its directory as they
+        // were; a kill after it leaves a directory no record owns, which the sweep removes.
         let (dir, gone) = (
             self.dir(row.id),
             self.snapshots().join(format!("rm-{}", row.id)),
         );
-        let moved = match std::fs::rename(&dir, &gone) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(Error::io("rename away", &dir, e)),
-        };
-        if let Err(e) = tx.commit() {
-            if moved {
-                let _ = std::fs::rename(&gone, &dir);
+        match std::fs::rename(&dir, &gone) {
+            Ok(()) => {
+                drop(meta);
+                self.reap(gone);
             }
-            return Err(Error::Db {
-                op: "commit",
-                err: e,
-            });
-        }
-        drop(meta);
-        if moved {
-            self.reap(gone);
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                // The record is gone; the directory is an orphan the next sweep removes.
+                tracing::error!(dir = %dir.display(), %e, "renaming a removed snapshot's directory away");
+            }
         }
         tracing::debug!(key, id = row.id, "removed snapshot");
         Ok(())
