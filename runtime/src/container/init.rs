@@ -66,16 +66,7 @@ pub fn init_main(dir: &Path) -> Result<i32> {
         .arg(dir)
         .status()
         .map_err(|e| Error::io("start pid 1", dir, e))?;
-    Ok(
-        match (
-            status.code(),
-            std::os::unix::process::ExitStatusExt::signal(&status),
-        ) {
-            (Some(c), _) => c,
-            (None, Some(sig)) => 128 + sig,
-            _ => 255,
-        },
-    )
+    Ok(super::exit_code(status))
 }
 
 fn bind_file(src: &Path, dst: &Path) -> Result<()> {

@@ -133,6 +133,18 @@ pub fn status(state: &Value) -> (String, Option<i64>) {
     }
 }
 
+/// A process's exit code as a shell reports it: its code, or 128 + the signal that killed it.
+pub fn exit_code(status: std::process::ExitStatus) -> i32 {
+    match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        _ => 255,
+    }
+}
+
 /// A fresh state document.
 pub fn new_state(status: &str) -> Value {
     json!({ "Status": status, "Pid": 0, "ExitCode": Value::Null, "StartedAt": Value::Null, "FinishedAt": Value::Null })

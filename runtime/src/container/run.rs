@@ -177,14 +177,7 @@ pub fn run(images: &mut Images, root: &Path, o: &RunOptions) -> Result<i32> {
         let status = child
             .wait()
             .map_err(|e| Error::io("wait for container", &dir, e))?;
-        let code = match (
-            status.code(),
-            std::os::unix::process::ExitStatusExt::signal(&status),
-        ) {
-            (Some(c), _) => c,
-            (None, Some(sig)) => 128 + sig,
-            _ => 255,
-        };
+        let code = super::exit_code(status);
         st["Status"] = json!("exited");
         st["ExitCode"] = json!(code);
         st["FinishedAt"] = json!(now());

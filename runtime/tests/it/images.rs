@@ -5,13 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::{build_image, ok, require_command, require_root, run, scratch, strata};
-
-fn st(root: &Path) -> Command {
-    let mut c = strata();
-    c.arg("--root").arg(root);
-    c
-}
+use crate::support::{build_image, ok, require_command, require_root, run, scratch, st};
 
 fn count(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)

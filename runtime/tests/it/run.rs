@@ -6,13 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::{build_image, ok, require_root, run, scratch, strata};
-
-fn st(root: &Path) -> Command {
-    let mut c = strata();
-    c.arg("--root").arg(root);
-    c
-}
+use crate::support::{build_image, ok, require_root, run, scratch, st};
 
 fn loaded(d: &Path) -> std::path::PathBuf {
     let layout = build_image(d);

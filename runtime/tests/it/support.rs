@@ -9,6 +9,13 @@ pub fn strata() -> Command {
     Command::new(env!("CARGO_BIN_EXE_strata"))
 }
 
+/// `strata --root ROOT`.
+pub fn st(root: &Path) -> Command {
+    let mut c = strata();
+    c.arg("--root").arg(root);
+    c
+}
+
 /// Panics unless root.
 pub fn require_root() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
