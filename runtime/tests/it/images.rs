@@ -18,6 +18,22 @@ fn tree(dir: &Path) -> String {
     )))
 }
 
+/// Copies the OCI layout's `latest` to `transport:dir/file:name` with skopeo; returns the file.
+fn skopeo_archive(
+    layout: &Path,
+    dir: &Path,
+    file: &str,
+    transport: &str,
+    name: &str,
+) -> std::path::PathBuf {
+    let out = dir.join(file);
+    ok(Command::new("skopeo")
+        .args(["copy", "-q"])
+        .arg(format!("oci:{}:latest", layout.display()))
+        .arg(format!("{transport}:{}:{name}", out.display())));
+    out
+}
+
 #[test]
 fn load_list_tag_save_and_remove_images() {
     require_root();
@@ -25,19 +41,14 @@ fn load_list_tag_save_and_remove_images() {
     let t = scratch();
     let d = t.path();
     let layout = build_image(d);
-    let oci = d.join("oci.tar");
-    let dock = d.join("dock.tar");
-    ok(Command::new("skopeo")
-        .args(["copy", "-q"])
-        .arg(format!("oci:{}:latest", layout.display()))
-        .arg(format!("oci-archive:{}:localhost/test:v1", oci.display())));
-    ok(Command::new("skopeo")
-        .args(["copy", "-q"])
-        .arg(format!("oci:{}:latest", layout.display()))
-        .arg(format!(
-            "docker-archive:{}:localhost/dock:v2",
-            dock.display()
-        )));
+    let oci = skopeo_archive(&layout, d, "oci.tar", "oci-archive", "localhost/test:v1");
+    let dock = skopeo_archive(
+        &layout,
+        d,
+        "dock.tar",
+        "docker-archive",
+        "localhost/dock:v2",
+    );
     let root = d.join("root");
     assert_eq!(
         ok(st(&root).arg("load").arg("-i").arg(&oci)),
@@ -155,11 +166,7 @@ fn a_corrupt_or_foreign_archive_leaves_the_store_unchanged() {
     let t = scratch();
     let d = t.path();
     let layout = build_image(d);
-    let oci = d.join("oci.tar");
-    ok(Command::new("skopeo")
-        .args(["copy", "-q"])
-        .arg(format!("oci:{}:latest", layout.display()))
-        .arg(format!("oci-archive:{}:localhost/test:v1", oci.display())));
+    let oci = skopeo_archive(&layout, d, "oci.tar", "oci-archive", "localhost/test:v1");
     let root = d.join("root");
     ok(st(&root).arg("load").arg("-i").arg(&oci));
     let before = (
