@@ -288,7 +288,7 @@ pub fn cmd_rmi(root: &Path, names: &[String], force: bool) -> Result<()> {
     let mut images = open(root)?;
     let mut failed = false;
     for n in names {
-        if let Err(e) = rmi_one(&mut images, n, force) {
+        if let Err(e) = rmi_one(root, &mut images, n, force) {
             eprintln!("Error response: {e:#}");
             failed = true;
         }
@@ -299,8 +299,30 @@ pub fn cmd_rmi(root: &Path, names: &[String], force: bool) -> Result<()> {
     Ok(())
 }
 
-fn rmi_one(images: &mut Images, n: &str, force: bool) -> Result<()> {
+fn rmi_one(root: &Path, images: &mut Images, n: &str, force: bool) -> Result<()> {
     let img = images.store.resolve(n)?;
+    let users: Vec<String> = strata_runtime::container::list(root)?
+        .into_iter()
+        .filter(|c| {
+            c.config()
+                .ok()
+                .and_then(|v| v["ImageId"].as_str().map(str::to_string))
+                .as_deref()
+                == Some(img.config.to_string().as_str())
+        })
+        .map(|c| c.id[..12].to_string())
+        .collect();
+    let last_name = n
+        .parse::<Reference>()
+        .ok()
+        .filter(|r| img.tags.contains(r))
+        .is_none_or(|_| img.tags.len() <= 1);
+    if !users.is_empty() && last_name && !force {
+        bail!(
+            "conflict: unable to remove {n} (must be forced) - image is being used by container {}",
+            users.join(", ")
+        );
+    }
     if let Some(r) = n.parse::<Reference>().ok().filter(|r| img.tags.contains(r)) {
         // By tag: untag; the image goes once no tag is left.
         images.store.untag(&r)?;
@@ -526,6 +548,19 @@ pub fn cmd_ps(root: &Path, all: bool, quiet: bool, size: bool) -> Result<()> {
             .map(|r| r.try_into().expect("five columns"))
             .collect();
         print_table(&[head[0], head[1], head[2], head[3], head[4]], &t);
+    }
+    Ok(())
+}
+
+pub fn cmd_diff(root: &Path, name: &str) -> Result<()> {
+    let mut images = open(root)?;
+    let c = strata_runtime::container::find(root, name)?;
+    let (upper, lowers) = images.snapshotter()?.layer_dirs(&c.snapshot_key())?;
+    let changes =
+        strata_overlay::diff::changes_native(&upper, &strata_overlay::diff::LowerView::new(lowers))
+            .with_context(|| format!("listing the changes of container {name}"))?;
+    for ch in changes {
+        println!("{ch}");
     }
     Ok(())
 }

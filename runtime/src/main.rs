@@ -57,6 +57,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => images::cmd_run(&root, a),
         Command::Ps { all, quiet, size } => images::cmd_ps(&root, all, quiet, size),
         Command::Rm { containers } => images::cmd_rm(&root, &containers),
+        Command::Diff { container } => images::cmd_diff(&root, &container),
         Command::Load { input, quiet } => images::cmd_load(&root, &input, quiet),
         Command::Save {
             output,

@@ -45,6 +45,11 @@ pub enum Command {
         #[arg(short, long)]
         size: bool,
     },
+    /// Show a container's changes to its image: A added, C changed, D deleted.
+    Diff {
+        /// The container (name or ID).
+        container: String,
+    },
     /// Remove containers.
     Rm {
         /// Containers (names or IDs).

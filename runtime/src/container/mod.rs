@@ -7,7 +7,9 @@
 //! ROOT/containers/<id>/rootfs/       the mount point of the container's snapshot
 //! ROOT/containers/<id>/hostname, hosts   bind-mounted as /etc/hostname and /etc/hosts
 //! ```
-//! The snapshot of container `<id>` is the active snapshot `ctr-<id>` in the snapshotter.
+//! The writable layer of container `<id>` is the active snapshot `ctr-<id>`, on the committed
+//! init layer `init-<chain>` (the mount points, shared by the image's containers), on the
+//! image's top layer.
 
 mod init;
 pub mod run;

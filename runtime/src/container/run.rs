@@ -145,7 +145,8 @@ pub fn run(images: &mut Images, root: &Path, o: &RunOptions) -> Result<i32> {
         let snap = images.snapshotter()?;
         // A read-only root is mounted read-write first (the mount points for /proc, /dev and
         // /sys may need creating) and remounted read-only before pivot_root, as runc does.
-        let mounts = snap.prepare(&c.snapshot_key(), &top, Default::default())?;
+        let init = init_layer(snap, &c, &top)?;
+        let mounts = snap.prepare(&c.snapshot_key(), &init, Default::default())?;
         let mounts_json: Vec<_> = mounts
             .iter()
             .map(|m| json!({ "Type": m.kind, "Source": m.source, "Options": m.options }))
@@ -190,12 +191,74 @@ pub fn run(images: &mut Images, root: &Path, o: &RunOptions) -> Result<i32> {
     result
 }
 
+/// Docker's init layer: the mount points a container needs (`/proc`, `/sys`, `/dev`,
+/// `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`) are made in a layer of their own between
+/// the image and the container's writable layer, so they never show in `diff`, `commit` or
+/// `ps -s`. They are made through a mounted view, so directories copied up keep the image's
+/// metadata. The layer depends only on the image, so one per image top layer
+/// (`init-<chain>`) serves every container of it; it is made on first use.
+fn init_layer(
+    snap: &strata_snapshotter::Snapshotter,
+    c: &Container,
+    image_top: &str,
+) -> Result<String> {
+    let name = format!("init-{}", image_top.trim_start_matches("sha256:"));
+    if snap.stat(&name).is_ok() {
+        return Ok(name);
+    }
+    let key = format!("{}-init-active", c.snapshot_key());
+    let mounts = snap.prepare(&key, image_top, Default::default())?;
+    let at = c.dir.join("init");
+    let made = (|| -> Result<()> {
+        std::fs::create_dir_all(&at).map_err(|e| Error::io("create", &at, e))?;
+        mounts[0].mount(&at)?;
+        let populate = (|| -> std::io::Result<()> {
+            for d in ["proc", "sys", "dev"] {
+                if std::fs::symlink_metadata(at.join(d)).is_err() {
+                    std::fs::create_dir(at.join(d))?;
+                }
+            }
+            if at.join("etc").is_dir() && !at.join("etc").is_symlink() {
+                for f in ["hostname", "hosts", "resolv.conf"] {
+                    if std::fs::symlink_metadata(at.join("etc").join(f)).is_err() {
+                        std::fs::write(at.join("etc").join(f), b"")?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        strata_overlay::mount::unmount(&at, false)?;
+        populate.map_err(|e| Error::io("create mount points", &at, e))?;
+        match snap.commit(&name, &key, Default::default(), None) {
+            // Another run made it meanwhile: use theirs.
+            Err(strata_snapshotter::Error::AlreadyExists(_)) => {
+                let _ = snap.remove(&key);
+                Ok(())
+            }
+            r => r.map_err(Error::from),
+        }
+    })();
+    let _ = std::fs::remove_dir(&at);
+    if let Err(e) = made {
+        let _ = snap.remove(&key);
+        return Err(e);
+    }
+    Ok(name)
+}
+
 /// Removes a container that is not running: its snapshot and its directory.
 pub fn remove(images: &mut Images, c: &Container) -> Result<()> {
     let _ = strata_overlay::mount::unmount(&c.dir.join("rootfs"), true);
-    match images.snapshotter()?.remove(&c.snapshot_key()) {
-        Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => {}
-        Err(e) => return Err(e.into()),
+    let snap = images.snapshotter()?;
+    for key in [
+        c.snapshot_key(),
+        format!("{}-init", c.snapshot_key()),
+        format!("{}-init-active", c.snapshot_key()),
+    ] {
+        match snap.remove(&key) {
+            Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     std::fs::remove_dir_all(&c.dir).map_err(|e| Error::io("remove", &c.dir, e))
 }

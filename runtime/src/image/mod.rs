@@ -169,14 +169,19 @@ impl Images {
     }
 
     /// Deletes image `img`: its record, the layer snapshots and blobs no other image uses.
-    /// Returns the chains removed.
+    /// Returns the chains removed. Fails with [`Error::Conflict`], changing nothing, while a
+    /// container sits on one of those layers.
     pub fn delete(&mut self, img: &Image) -> Result<Vec<Digest>> {
         let parsed = self.parse(img)?;
         let mine = Self::chains(&parsed)?;
-        self.store.delete(img)?;
         let mut keep_chains = std::collections::HashSet::new();
         let mut keep_blobs = std::collections::HashSet::new();
-        for other in self.store.images()? {
+        for other in self
+            .store
+            .images()?
+            .into_iter()
+            .filter(|o| o.manifest != img.manifest)
+        {
             let p = self.parse(&other)?;
             keep_chains.extend(Self::chains(&p)?);
             keep_blobs.insert(other.manifest);
@@ -185,17 +190,33 @@ impl Images {
                 keep_blobs.insert(digest_of(l.digest())?);
             }
         }
-        let mut removed = Vec::new();
-        for c in mine.iter().rev() {
-            if keep_chains.contains(c) {
-                break;
+        let gone: Vec<Digest> = mine
+            .iter()
+            .rev()
+            .take_while(|c| !keep_chains.contains(*c))
+            .copied()
+            .collect();
+        // The containers' shared init layers on these chains go first; while a container still
+        // sits on one, nothing is changed.
+        for c in &gone {
+            match self.snapshotter()?.remove(&format!("init-{}", c.hex())) {
+                Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => {}
+                Err(strata_snapshotter::Error::FailedPrecondition(_)) => {
+                    return Err(Error::Conflict(format!(
+                        "image {} is used by a container: remove the container first",
+                        img.config
+                    )));
+                }
+                Err(e) => return Err(e.into()),
             }
+        }
+        self.store.delete(img)?;
+        for c in &gone {
             match self.snapshotter()?.remove(&c.to_string()) {
                 Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
             self.store.forget_layer(c)?;
-            removed.push(*c);
         }
         let mut blobs = vec![img.manifest, img.config];
         for l in parsed.manifest.layers() {
@@ -206,6 +227,6 @@ impl Images {
                 self.store.remove_blob(&b);
             }
         }
-        Ok(removed)
+        Ok(gone)
     }
 }

@@ -127,6 +127,30 @@ fn run_isolates_and_reports_like_docker() {
     let out = run(st(&root).args(["run", "--rm", "nosuch:image", "true"]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such image"));
 
+    // An image a container uses is not removed.
+    let out = run(st(&root).args(["rmi", img]));
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("being used by container"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        ok(st(&root).arg("images")).contains("localhost/img"),
+        "the tag stays"
+    );
+    // docker diff: the container wrote /written and created /tmp/work (-w).
+    let diff = ok(st(&root).args(["diff", "c1"]));
+    for line in ["A /written", "C /tmp", "A /tmp/work"] {
+        assert!(
+            diff.lines().any(|l| l == line),
+            "missing {line:?} in:\n{diff}"
+        );
+    }
+    assert!(
+        !diff.contains("/etc/from-lower"),
+        "unchanged lower files are not listed:\n{diff}"
+    );
     ok(st(&root).args(["rm", "c1"]));
     let out = run(st(&root).args(["rm", "c1"]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such container"));
@@ -135,12 +159,20 @@ fn run_isolates_and_reports_like_docker() {
         0,
         "containers left"
     );
-    let snaps: Vec<String> = std::fs::read_dir(root.join("snapshotter/snapshots"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(
-        snaps.iter().all(|s| s.parse::<u32>().is_ok()) && snaps.len() <= 2,
-        "only the image's layers stay: {snaps:?}"
+    let snaps = || -> Vec<String> {
+        std::fs::read_dir(root.join("snapshotter/snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    // The image's two layers and their shared init layer stay; removing the image clears all.
+    assert_eq!(snaps().len(), 3, "{:?}", snaps());
+    ok(st(&root).args(["rmi", img]));
+    assert!(snaps().is_empty(), "left: {:?}", snaps());
+    assert_eq!(
+        std::fs::read_dir(root.join("content/blobs/sha256"))
+            .unwrap()
+            .count(),
+        0
     );
 }
