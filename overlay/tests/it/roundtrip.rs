@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use strata_overlay::diff::{self, DiffOptions};
-use strata_overlay::mount::{Options, Overlay, unmount};
+use strata_overlay::mount::{Options, Overlay};
 use strata_overlay::{ApplyOptions, Compression, apply};
 
-use crate::support::{Prereq, require, scratch, snapshot, xattr_set};
+use crate::support::{Mounted, Prereq, require, scratch, snapshot, xattr_set};
 
 /// One operation on the merged view; indices pick among the paths present at the time.
 #[derive(Debug, Clone)]
@@ -259,6 +259,7 @@ fn round_trip(seed: u64, ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
     }
     .mount(&merged)
     .unwrap();
+    let merged_mount = Mounted(merged.clone());
     for op in ops {
         run_op(&merged, op);
     }
@@ -271,15 +272,16 @@ fn round_trip(seed: u64, ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
         lowers: vec![base.clone()],
     };
     let diffed = match mode {
-        Mode::Generic => diff::generic(&base, &merged, out, &dopts),
+        Mode::Generic => {
+            let d = diff::generic(&base, &merged, out, &dopts);
+            merged_mount.unmount();
+            d
+        }
         _ => {
-            unmount(&merged, false).unwrap();
+            merged_mount.unmount();
             diff::native(&upper, out, &dopts)
         }
     };
-    if matches!(mode, Mode::Generic) {
-        unmount(&merged, false).unwrap();
-    }
     let (report, _) = diffed.map_err(|e| TestCaseError::fail(format!("diff: {e}")))?;
     let layer = root.join("layer");
     let aopts = ApplyOptions {
@@ -303,8 +305,9 @@ fn round_trip(seed: u64, ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
         },
     };
     ro.mount(&view).unwrap();
+    let view_mount = Mounted(view.clone());
     let got = snapshot(&view);
-    unmount(&view, false).unwrap();
+    view_mount.unmount();
     for (k, v) in &want {
         prop_assert_eq!(got.get(k), Some(v), "path {} differs", k);
     }

@@ -266,3 +266,21 @@ pub fn siblings(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A mount that is detached if the test panics or returns early; [`Mounted::unmount`] is the
+/// normal, checked way out.
+pub struct Mounted(pub PathBuf);
+
+impl Mounted {
+    /// Unmounts (not lazily: the caller needs the upper quiet afterwards).
+    pub fn unmount(self) {
+        strata_overlay::mount::unmount(&self.0, false).unwrap();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = strata_overlay::mount::unmount(&self.0, true);
+    }
+}
