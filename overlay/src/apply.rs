@@ -284,12 +284,13 @@ fn join(comps: &[&[u8]]) -> Vec<u8> {
 }
 
 struct Applier<'o> {
-    root: OwnedFd,
+    /// The temp root; shared with the cache without dup(2)ing it.
+    root: Rc<OwnedFd>,
     opts: &'o ApplyOptions,
     /// Directories whose times are set at the end, after their children.
     dirs: Vec<(Vec<u8>, i64, u32)>,
     /// The last parent directory opened, by path.
-    cached: Option<(Vec<u8>, OwnedFd)>,
+    cached: Option<(Vec<u8>, Rc<OwnedFd>)>,
     /// Directories this layer marked opaque.
     opaque: std::collections::HashSet<Vec<u8>>,
     /// The merged view of the known lowers, opened on first use.
@@ -302,7 +303,7 @@ struct Applier<'o> {
 impl<'o> Applier<'o> {
     fn new(root: OwnedFd, opts: &'o ApplyOptions) -> Self {
         Applier {
-            root,
+            root: Rc::new(root),
             opts,
             dirs: Vec::new(),
             cached: None,
@@ -332,10 +333,7 @@ impl<'o> Applier<'o> {
                     "the layer root must be a directory",
                 ));
             }
-            let root = self
-                .root
-                .try_clone()
-                .map_err(|err| Error::entry(&e.path, "dup", err))?;
+            let root = self.root.clone();
             return self.dir_meta(e, root.as_fd(), Vec::new());
         };
         match whiteout::classify(base) {
@@ -523,14 +521,12 @@ impl<'o> Applier<'o> {
                 ),
             )
         };
-        let tdir = if tparent.is_empty() {
-            self.root
-                .try_clone()
-                .map_err(|err| Error::entry(&e.path, "dup", err))?
+        let tdir: Rc<OwnedFd> = if tparent.is_empty() {
+            self.root.clone()
         } else {
             let p = sys::cstr(&join(tparent)).map_err(|err| Error::entry(&e.path, "name", err))?;
             match sys::open_beneath(self.root.as_fd(), &p, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
-                Ok(fd) => fd,
+                Ok(fd) => Rc::new(fd),
                 Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Err(not_in_layer()),
                 Err(err) => return Err(self.resolve_error(&e.path, err)),
             }
@@ -668,41 +664,31 @@ impl<'o> Applier<'o> {
 
     /// Opens the parent directory `comps` below the root, creating missing directories the tar
     /// implies (with metadata from the lowers when they have them).
-    fn parent(&mut self, entry: &[u8], comps: &[&[u8]]) -> Result<OwnedFd> {
+    fn parent(&mut self, entry: &[u8], comps: &[&[u8]]) -> Result<Rc<OwnedFd>> {
         let key = join(comps);
         if let Some((k, fd)) = &self.cached {
             if *k == key {
-                return fd
-                    .try_clone()
-                    .map_err(|err| Error::entry(entry, "dup", err));
+                return Ok(fd.clone());
             }
         }
         let fd = if comps.is_empty() {
-            self.root
-                .try_clone()
-                .map_err(|err| Error::entry(entry, "dup", err))?
+            self.root.clone()
         } else {
             let p = sys::cstr(&key).map_err(|err| Error::entry(entry, "name", err))?;
             match sys::open_beneath(self.root.as_fd(), &p, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
-                Ok(fd) => fd,
+                Ok(fd) => Rc::new(fd),
                 Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
                     self.make_parents(entry, comps)?
                 }
                 Err(err) => return Err(self.resolve_error(entry, err)),
             }
         };
-        let out = fd
-            .try_clone()
-            .map_err(|err| Error::entry(entry, "dup", err))?;
-        self.cached = Some((key, fd));
-        Ok(out)
+        self.cached = Some((key, fd.clone()));
+        Ok(fd)
     }
 
-    fn make_parents(&mut self, entry: &[u8], comps: &[&[u8]]) -> Result<OwnedFd> {
-        let mut cur = self
-            .root
-            .try_clone()
-            .map_err(|err| Error::entry(entry, "dup", err))?;
+    fn make_parents(&mut self, entry: &[u8], comps: &[&[u8]]) -> Result<Rc<OwnedFd>> {
+        let mut cur = self.root.clone();
         for (i, c) in comps.iter().enumerate() {
             let name = sys::cstr(c).map_err(|err| Error::entry(entry, "name", err))?;
             let flags = libc::O_DIRECTORY | libc::O_RDONLY | libc::O_NOFOLLOW;
@@ -728,7 +714,7 @@ impl<'o> Applier<'o> {
                 }
                 Err(err) => return Err(Error::entry(entry, "open parent dir", err)),
             };
-            cur = next;
+            cur = Rc::new(next);
         }
         Ok(cur)
     }
@@ -780,7 +766,7 @@ impl<'o> Applier<'o> {
     fn finish(&mut self) -> Result<()> {
         for (rel, sec, nsec) in self.dirs.iter().rev() {
             let fd = if rel.is_empty() {
-                self.root.try_clone()
+                Ok(self.root.clone())
             } else {
                 let p = sys::cstr(rel).map_err(|err| Error::entry(rel, "name", err))?;
                 match sys::open_beneath(
@@ -794,7 +780,7 @@ impl<'o> Applier<'o> {
                     {
                         continue;
                     }
-                    r => r,
+                    r => r.map(Rc::new),
                 }
             }
             .map_err(|err| Error::entry(rel, "open dir", err))?;

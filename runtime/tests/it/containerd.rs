@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 
 use crate::support::{
-    Server, build_image, ok, require_command, require_root, run, scratch, wait_for,
+    Server, image_archive, ok, require_command, require_root, run, scratch, wait_for,
 };
 
 struct Containerd(Child);
@@ -37,14 +37,7 @@ fn containerd_uses_strata_as_a_proxy_snapshotter() {
     }
     let t = scratch();
     let d = t.path();
-    let layout = build_image(d);
-    let archive = d.join("image.tar");
-    ok(Command::new("tar")
-        .arg("-C")
-        .arg(&layout)
-        .arg("-cf")
-        .arg(&archive)
-        .arg("."));
+    let archive = image_archive(d, "image.tar");
 
     let server = Server::start(&d.join("strata"), &d.join("strata.sock"));
     let config = d.join("config.toml");

@@ -4,19 +4,11 @@
 //! behave as in Docker.
 
 use std::path::Path;
-use std::process::Command;
 
-use crate::support::{build_image, ok, require_root, run, scratch, st};
+use crate::support::{image_archive, ok, require_root, run, scratch, st};
 
 fn loaded(d: &Path) -> std::path::PathBuf {
-    let layout = build_image(d);
-    let archive = d.join("img.tar");
-    ok(Command::new("tar")
-        .arg("-C")
-        .arg(&layout)
-        .arg("-cf")
-        .arg(&archive)
-        .arg("."));
+    let archive = image_archive(d, "img.tar");
     let root = d.join("root");
     assert_eq!(
         ok(st(&root).arg("load").arg("-i").arg(&archive)),

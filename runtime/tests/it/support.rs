@@ -185,3 +185,16 @@ pub async fn client(
 > {
     strata_snapshotter::connect(&socket).await.unwrap()
 }
+
+/// [`build_image`], tarred as an OCI layout archive at `dir/file`.
+pub fn image_archive(dir: &Path, file: &str) -> PathBuf {
+    let layout = build_image(dir);
+    let archive = dir.join(file);
+    ok(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."));
+    archive
+}
