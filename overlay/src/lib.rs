@@ -13,6 +13,7 @@
 //! - [`whiteout`]: the OCI and overlayfs encodings of deletions, with their specs.
 //! - [`digest`], [`compress`]: sha256 digests and compression.
 //! - [`mount`], [`probe`]: kernel overlay mounts and feature probing.
+//! - [`tree`]: copying trees with every attribute, and measuring them.
 //! - `sys`: the raw syscall wrappers; the only module with `unsafe`.
 #![deny(unsafe_code)]
 
@@ -25,6 +26,7 @@ mod error;
 pub mod mount;
 pub mod probe;
 mod sys;
+pub mod tree;
 pub mod whiteout;
 
 pub use apply::{ApplyOptions, ApplyReport, apply, apply_file};

@@ -523,3 +523,53 @@ pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     })
     .map(names)
 }
+
+/// `copy_file_range(2)` of up to `len` bytes at the files' current offsets; 0 at end of file.
+/// The kernel reflinks where the filesystem can and copies in-kernel otherwise.
+pub fn copy_file_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: null offsets mean "use and advance the file offsets"; the fds are borrowed.
+    let n = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            std::ptr::null_mut(),
+            dst.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            0,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Sets atime and mtime separately, without following a symlink (`utimensat(2)`).
+pub fn lutimes2(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    atime: (i64, u32),
+    mtime: (i64, u32),
+) -> io::Result<()> {
+    let ts = |(s, n): (i64, u32)| libc::timespec {
+        tv_sec: s,
+        tv_nsec: n as _,
+    };
+    let times = [ts(atime), ts(mtime)];
+    let r = if name.is_empty() {
+        // SAFETY: `times` holds the two timespecs futimens requires.
+        unsafe { libc::futimens(dir.as_raw_fd(), times.as_ptr()) }
+    } else {
+        // SAFETY: as above; `name` is NUL-terminated.
+        unsafe {
+            libc::utimensat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        }
+    };
+    cvt(r).map(drop)
+}

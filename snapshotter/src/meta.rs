@@ -353,3 +353,59 @@ pub fn ids(tx: &Conn) -> Result<HashSet<i64>> {
     it.collect::<rusqlite::Result<_>>()
         .map_err(Error::db("list ids"))
 }
+
+/// Moves active snapshot `id` to a fresh id (returned) and gives `id` to a new committed
+/// snapshot `name`, so the committed one owns the directory `id` had. Labels follow the active
+/// snapshot; the committed one gets `labels`.
+#[allow(clippy::too_many_arguments)]
+pub fn hand_over(
+    tx: &Conn,
+    id: i64,
+    name: &str,
+    parent_id: Option<i64>,
+    now: i64,
+    size: i64,
+    inodes: i64,
+    labels: &BTreeMap<String, String>,
+) -> Result<i64> {
+    let err = Error::db("hand over a snapshot's directory");
+    let fresh: i64 = tx
+        .query_row(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'), 0),
+                        COALESCE((SELECT MAX(id) FROM snapshots), 0)) + 1",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(Error::db("hand over a snapshot's directory"))?;
+    let kept = self::labels(tx, id)?;
+    tx.execute("DELETE FROM labels WHERE snapshot = ?1", [id])
+        .map_err(Error::db("hand over a snapshot's directory"))?;
+    tx.execute(
+        "UPDATE snapshots SET id = ?2, updated = ?3 WHERE id = ?1",
+        params![id, fresh, now],
+    )
+    .map_err(Error::db("hand over a snapshot's directory"))?;
+    tx.execute(
+        "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'snapshots'",
+        [fresh],
+    )
+    .map_err(Error::db("hand over a snapshot's directory"))?;
+    set_labels(tx, fresh, &kept)?;
+    tx.execute(
+        "INSERT INTO snapshots (id, key, parent_id, kind, created, updated, size, inodes) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+        params![id, name, parent_id, Kind::Committed as i64, now, size, inodes],
+    )
+    .map_err(err)?;
+    set_labels(tx, id, labels)?;
+    Ok(fresh)
+}
+
+/// Sets the parent of `id`.
+pub fn set_parent(tx: &Conn, id: i64, parent_id: Option<i64>, now: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE snapshots SET parent_id = ?2, updated = ?3 WHERE id = ?1",
+        params![id, parent_id, now],
+    )
+    .map_err(Error::db("set parent"))
+    .map(drop)
+}

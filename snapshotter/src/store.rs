@@ -546,6 +546,146 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Turns the current contents of active snapshot `key` into a new committed snapshot
+    /// `name` on `parent` **without copying**: the committed snapshot takes over `key`'s
+    /// directory, and `key` goes on with a fresh, empty upper on its old parent (its root dir
+    /// keeps the old upper root's owner and mode). One transaction: a crash leaves either the
+    /// old state or the new one. The caller must make sure `key` is not mounted, and will
+    /// normally [`rebase`](Self::rebase) `key` onto `name` next.
+    pub fn adopt(
+        &self,
+        key: &str,
+        name: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "commit name must not be empty".into(),
+            ));
+        }
+        validate_labels(&labels)?;
+        let row = self.active_row(key)?;
+        let fs = self.fs_dir(row.id);
+        let f = std::fs::File::open(&fs).map_err(|e| Error::io("open", &fs, e))?;
+        nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", &fs, e.into()))?;
+        let usage = du(&fs)?;
+        let root_meta = f.metadata().map_err(|e| Error::io("stat", &fs, e))?;
+        let mut meta = self.lock();
+        let tmp = self.snapshots().join(format!(
+            "new-{}-{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
+        let made = (|| -> std::io::Result<()> {
+            std::fs::create_dir(&tmp)?;
+            std::fs::create_dir(tmp.join("fs"))?;
+            std::fs::create_dir(tmp.join("work"))?;
+            std::os::unix::fs::chown(tmp.join("fs"), Some(root_meta.uid()), Some(root_meta.gid()))?;
+            std::fs::set_permissions(tmp.join("fs"), root_meta.permissions())
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(Error::io("create snapshot dir", &tmp, e));
+        }
+        let result = (|| -> Result<i64> {
+            let tx = meta.write()?;
+            let now = meta::get(&tx, key)?
+                .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+            if now.id != row.id || now.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} changed during commit"
+                )));
+            }
+            if meta::get(&tx, name)?.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name:?} already exists"
+                )));
+            }
+            let parent_id = self.committed_parent(&tx, parent)?;
+            let fresh = meta::hand_over(
+                &tx,
+                row.id,
+                name,
+                parent_id,
+                now_ns(),
+                usage.size,
+                usage.inodes,
+                &labels,
+            )?;
+            std::fs::rename(&tmp, self.dir(fresh))
+                .map_err(|e| Error::io("rename into place", self.dir(fresh), e))?;
+            if let Err(e) = tx.commit() {
+                let _ = std::fs::rename(self.dir(fresh), &tmp);
+                return Err(Error::Db {
+                    op: "commit",
+                    err: e,
+                });
+            }
+            Ok(fresh)
+        })();
+        match result {
+            Ok(fresh) => {
+                tracing::debug!(
+                    key,
+                    name,
+                    id = row.id,
+                    fresh,
+                    "adopted an upper dir as a committed snapshot"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts active snapshot `key` on another committed parent (`""` for none). Meant for an
+    /// active snapshot whose upper is empty, as [`adopt`](Self::adopt) leaves it: a non-empty
+    /// upper would now be seen over different lowers.
+    pub fn rebase(&self, key: &str, parent: &str) -> Result<()> {
+        let mut meta = self.lock();
+        let tx = meta.write()?;
+        let row = meta::get(&tx, key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        if row.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        let parent_id = self.committed_parent(&tx, parent)?;
+        meta::set_parent(&tx, row.id, parent_id, now_ns())?;
+        tx.commit().map_err(Error::db("commit"))
+    }
+
+    fn active_row(&self, key: &str) -> Result<meta::Row> {
+        let meta = self.lock();
+        let row = meta::get(meta.conn(), key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
+        if row.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is not active"
+            )));
+        }
+        Ok(row)
+    }
+
+    fn committed_parent(&self, tx: &meta::Conn, parent: &str) -> Result<Option<i64>> {
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let p = meta::get(tx, parent)?
+            .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?} does not exist")))?;
+        if p.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        Ok(Some(p.id))
+    }
+
     /// Removes snapshot `key`, which must have no children. Its directories are renamed away in
     /// the transaction and deleted off the request path.
     pub fn remove(&self, key: &str) -> Result<()> {

@@ -378,3 +378,66 @@ fn fuse_mode_is_refused_with_a_clear_message() {
         .expect("fuse mode opened");
     assert!(e.to_string().contains("FUSE"), "{e}");
 }
+
+#[test]
+fn adopt_hands_the_upper_over_without_copying() {
+    require_root();
+    let t = scratch();
+    let s = open(t.path());
+    s.prepare("base-a", "", no_labels()).unwrap();
+    std::fs::write(s.layer_dirs("base-a").unwrap().0.join("old"), b"1").unwrap();
+    s.commit("base", "base-a", no_labels(), None).unwrap();
+    let m = s.prepare("ctr", "base", labels(&[("keep", "me")])).unwrap();
+    {
+        let mnt = Mounted::new(&m, t.path().join("m"));
+        std::fs::write(mnt.0.join("new"), b"2").unwrap();
+        std::fs::remove_file(mnt.0.join("old")).unwrap();
+    }
+    let (upper, _) = s.layer_dirs("ctr").unwrap();
+    let ino = std::fs::metadata(upper.join("new")).unwrap().ino();
+    // A name that exists is refused and changes nothing.
+    assert!(matches!(
+        s.adopt("ctr", "base", "base", no_labels()),
+        Err(Error::AlreadyExists(_))
+    ));
+    s.adopt("ctr", "layer", "base", labels(&[("l", "1")]))
+        .unwrap();
+    let layer_fs = s.fs_dir(s.id_of("layer").unwrap());
+    assert_eq!(
+        std::fs::metadata(layer_fs.join("new")).unwrap().ino(),
+        ino,
+        "the committed snapshot owns the very same files"
+    );
+    assert!(
+        std::fs::symlink_metadata(layer_fs.join("old"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    let info = s.stat("layer").unwrap();
+    assert_eq!((info.kind, info.parent.as_str()), (Kind::Committed, "base"));
+    assert_eq!(info.labels, labels(&[("l", "1")]));
+    // The active snapshot goes on empty, with its own labels, on its old parent...
+    let (upper, parents) = s.layer_dirs("ctr").unwrap();
+    assert_eq!(std::fs::read_dir(&upper).unwrap().count(), 0);
+    assert_eq!(s.stat("ctr").unwrap().labels, labels(&[("keep", "me")]));
+    assert_eq!(parents.len(), 1);
+    // ... until it is rebased onto the adopted layer, where it sees the changes again.
+    s.rebase("ctr", "layer").unwrap();
+    assert_eq!(s.stat("ctr").unwrap().parent, "layer");
+    let m = s.mounts("ctr").unwrap();
+    let mnt = Mounted::new(&m, t.path().join("m2"));
+    assert_eq!(std::fs::read(mnt.0.join("new")).unwrap(), b"2");
+    assert!(!mnt.0.join("old").exists());
+    drop(mnt);
+    assert!(matches!(
+        s.remove("layer"),
+        Err(Error::FailedPrecondition(_))
+    ));
+    s.remove("ctr").unwrap();
+    s.remove("layer").unwrap();
+    // A fresh store sees the same records (nothing lives only in memory).
+    drop(s);
+    let s = Snapshotter::open(&t.path().join("root"), Mode::Overlay).unwrap();
+    assert_eq!(s.list(&[]).unwrap().len(), 1);
+}
