@@ -24,7 +24,7 @@ pub fn root(given: Option<PathBuf>) -> PathBuf {
     data.join("strata")
 }
 
-fn open(root: &Path) -> Result<Images> {
+pub fn open(root: &Path) -> Result<Images> {
     Images::open(root).with_context(|| format!("opening the image store at {}", root.display()))
 }
 
@@ -54,77 +54,7 @@ pub fn human_size(n: u64) -> String {
     format!("{s}{}", units[u])
 }
 
-/// Seconds since the epoch of an RFC 3339 time (`2024-01-02T03:04:05.6Z`, offsets allowed).
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if b.get(4) != Some(&b'-')
-        || b.get(10)
-            .is_none_or(|c| *c != b'T' && *c != b't' && *c != b' ')
-    {
-        return None;
-    }
-    let mut i = 19;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-    }
-    let offset = match b.get(i) {
-        Some(b'Z' | b'z') => 0,
-        Some(c @ (b'+' | b'-')) => {
-            let sign = if *c == b'+' { 1 } else { -1 };
-            sign * (num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60)
-        }
-        _ => return None,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let (y2, m2) = if mo <= 2 {
-        (y - 1, mo + 9)
-    } else {
-        (y, mo - 3)
-    };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * m2 + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + h * 3600 + mi * 60 + se - offset)
-}
-
-/// "3 hours ago", as Docker says it.
-pub fn ago(created: Option<&str>) -> String {
-    let Some(t) = created.and_then(parse_rfc3339) else {
-        return "N/A".into();
-    };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let s = (now - t).max(0);
-    let (n, unit) = match s {
-        0..=59 => (s, "second"),
-        60..=3599 => (s / 60, "minute"),
-        3600..=86_399 => (s / 3600, "hour"),
-        86_400..=1_209_599 => (s / 86_400, "day"),
-        1_209_600..=5_183_999 => (s / 604_800, "week"),
-        5_184_000..=63_071_999 => (s / 2_592_000, "month"),
-        _ => (s / 31_536_000, "year"),
-    };
-    if n <= 1 && unit == "second" {
-        return "Less than a second ago".into();
-    }
-    format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
-}
+pub use strata_runtime::time::ago;
 
 pub fn cmd_load(root: &Path, input: &Path, quiet: bool) -> Result<()> {
     let mut images = open(root)?;
@@ -360,28 +290,110 @@ fn delete_records(images: &mut Images, group: &[Image]) -> Result<()> {
     Ok(())
 }
 
-pub fn cmd_inspect(root: &Path, names: &[String]) -> Result<()> {
-    let images = open(root)?;
-    let mut out = Vec::new();
-    for n in names {
-        let img = images.store.resolve(n)?;
-        let p = images.parse(&img)?;
-        let c = &p.config;
-        out.push(serde_json::json!({
-            "Id": img.config.to_string(),
-            "RepoTags": img.tags.iter().map(Reference::familiar).collect::<Vec<_>>(),
-            "RepoDigests": img.tags.iter().map(|t| format!("{}@{}", t.familiar_repository(), img.manifest)).collect::<Vec<_>>(),
-            "Created": c.created(),
-            "Author": c.author(),
-            "Architecture": c.architecture().to_string(),
-            "Os": c.os().to_string(),
-            "Size": img.size,
-            "Config": c.config(),
-            "RootFS": { "Type": "layers", "Layers": c.rootfs().diff_ids() },
-            "History": c.history(),
-        }));
+/// `inspect` of one image: Docker's fields.
+pub fn inspect_image(images: &Images, n: &str) -> Result<serde_json::Value> {
+    let img = images.store.resolve(n)?;
+    let p = images.parse(&img)?;
+    let c = &p.config;
+    Ok(serde_json::json!({
+        "Id": img.config.to_string(),
+        "RepoTags": img.tags.iter().map(Reference::familiar).collect::<Vec<_>>(),
+        "RepoDigests": img.tags.iter().map(|t| format!("{}@{}", t.familiar_repository(), img.manifest)).collect::<Vec<_>>(),
+        "Created": c.created(),
+        "Author": c.author(),
+        "Architecture": c.architecture().to_string(),
+        "Os": c.os().to_string(),
+        "Size": img.size,
+        "Config": c.config(),
+        "RootFS": { "Type": "layers", "Layers": c.rootfs().diff_ids() },
+        "History": c.history(),
+    }))
+}
+
+/// A spinner on stderr for work that may take a while; `None` when stderr is not a terminal.
+pub fn progress(msg: &'static str, total: Option<u64>) -> Option<indicatif::ProgressBar> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
     }
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    let pb = match total {
+        Some(t) => indicatif::ProgressBar::new(t).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {elapsed}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        ),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    pb.set_message(msg);
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    Some(pb)
+}
+
+/// Removes dangling images (`all`: every image no container uses); returns bytes reclaimed.
+pub fn prune(root: &Path, images: &mut Images, all: bool) -> Result<u64> {
+    let used: std::collections::HashSet<String> = strata_runtime::container::list(root)?
+        .iter()
+        .filter_map(|c| c.config().ok()?["ImageId"].as_str().map(String::from))
+        .collect();
+    let mut reclaimed = 0;
+    let mut deleted = Vec::new();
+    for img in images.store.images()? {
+        if used.contains(&img.config.to_string()) || (!all && !img.tags.is_empty()) {
+            continue;
+        }
+        for t in &img.tags {
+            images.store.untag(t)?;
+            deleted.push(format!("untagged: {}", t.familiar()));
+        }
+        let chains = match images.delete(&img) {
+            Ok(c) => c,
+            // A container sits on one of its layers (through a commit): keep it.
+            Err(strata_runtime::Error::Conflict(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        deleted.push(format!("deleted: {}", img.config));
+        for c in chains {
+            deleted.push(format!("deleted: {c}"));
+        }
+        reclaimed += img.size;
+    }
+    if !deleted.is_empty() {
+        println!("Deleted Images:");
+        for d in deleted {
+            println!("{d}");
+        }
+        println!();
+    }
+    Ok(reclaimed)
+}
+
+pub fn cmd_prune(root: &Path, all: bool) -> Result<()> {
+    let mut images = open(root)?;
+    let n = prune(root, &mut images, all)?;
+    println!("Total reclaimed space: {}", human_size(n));
+    Ok(())
+}
+
+pub fn cmd_import(
+    root: &Path,
+    file: &Path,
+    reference: Option<String>,
+    message: Option<String>,
+    changes: Vec<String>,
+) -> Result<()> {
+    let mut images = open(root)?;
+    let reference = reference
+        .map(|r| r.parse::<Reference>())
+        .transpose()
+        .context("the new image's name")?;
+    let spinner = progress("importing", None);
+    let img = strata_runtime::image::import(&mut images, file, reference, message, &changes)
+        .with_context(|| format!("importing {}", file.display()));
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    println!("{}", img?.config);
     Ok(())
 }
 
@@ -454,144 +466,6 @@ pub fn cmd_history(root: &Path, name: &str, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn cmd_run(root: &Path, a: crate::cli::RunArgs) -> Result<()> {
-    let mut images = open(root)?;
-    let o = strata_runtime::container::RunOptions {
-        image: a.image,
-        cmd: a.cmd,
-        name: a.name,
-        rm: a.rm,
-        env: a.env,
-        workdir: a.workdir,
-        hostname: a.hostname,
-        entrypoint: a.entrypoint,
-        read_only: a.read_only,
-        user: a.user,
-    };
-    let code =
-        strata_runtime::container::run(&mut images, root, &o).context("running the container")?;
-    // exit() skips destructors: close the stores first (the snapshotter finishes deletions).
-    drop(images);
-    std::process::exit(code);
-}
-
-pub fn cmd_ps(root: &Path, all: bool, quiet: bool, size: bool) -> Result<()> {
-    use strata_runtime::container;
-    let mut images = open(root)?;
-    let mut rows = Vec::new();
-    for c in container::list(root)? {
-        let cfg = c.config()?;
-        let (status, code) = container::status(&c.state()?);
-        if !all && status != "running" {
-            continue;
-        }
-        let shown = match (status.as_str(), code) {
-            ("running", _) => "Up".to_string(),
-            ("exited", Some(code)) => format!("Exited ({code})"),
-            (s, _) => s.to_string(),
-        };
-        let mut r = vec![
-            c.id[..12].to_string(),
-            cfg["Image"].as_str().unwrap_or_default().to_string(),
-            format!(
-                "{:?}",
-                cfg["Args"]
-                    .as_array()
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|x| x.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" "))
-                    .unwrap_or_default()
-            ),
-            shown,
-            cfg["Name"].as_str().unwrap_or_default().to_string(),
-        ];
-        if size {
-            let used = images
-                .snapshotter()?
-                .usage(&c.snapshot_key())
-                .map(|u| u.size as u64)
-                .unwrap_or(0);
-            let virt = images
-                .store
-                .resolve(cfg["ImageId"].as_str().unwrap_or_default())
-                .map(|i| i.size)
-                .unwrap_or(0);
-            r.push(format!(
-                "{} (virtual {})",
-                human_size(used),
-                human_size(used + virt)
-            ));
-        }
-        rows.push(r);
-    }
-    if quiet {
-        for r in rows {
-            println!("{}", r[0]);
-        }
-        return Ok(());
-    }
-    let mut head = vec!["CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "NAMES"];
-    if size {
-        head.push("SIZE");
-    }
-    if size {
-        let t: Vec<[String; 6]> = rows
-            .into_iter()
-            .map(|r| r.try_into().expect("six columns"))
-            .collect();
-        print_table(&[head[0], head[1], head[2], head[3], head[4], head[5]], &t);
-    } else {
-        let t: Vec<[String; 5]> = rows
-            .into_iter()
-            .map(|r| r.try_into().expect("five columns"))
-            .collect();
-        print_table(&[head[0], head[1], head[2], head[3], head[4]], &t);
-    }
-    Ok(())
-}
-
-pub fn cmd_diff(root: &Path, name: &str) -> Result<()> {
-    let mut images = open(root)?;
-    let c = strata_runtime::container::find(root, name)?;
-    let (upper, lowers) = images.snapshotter()?.layer_dirs(&c.snapshot_key())?;
-    let changes =
-        strata_overlay::diff::changes_native(&upper, &strata_overlay::diff::LowerView::new(lowers))
-            .with_context(|| format!("listing the changes of container {name}"))?;
-    for ch in changes {
-        println!("{ch}");
-    }
-    Ok(())
-}
-
-pub fn cmd_rm(root: &Path, names: &[String]) -> Result<()> {
-    use strata_runtime::container;
-    let mut images = open(root)?;
-    let mut failed = false;
-    for n in names {
-        let r = (|| -> Result<()> {
-            let c = container::find(root, n)?;
-            if container::status(&c.state()?).0 == "running" {
-                bail!(
-                    "cannot remove container {n}: it is running (stop it first, or use -f once stop lands)"
-                );
-            }
-            container::run::remove(&mut images, &c)?;
-            println!("{n}");
-            Ok(())
-        })();
-        if let Err(e) = r {
-            eprintln!("Error response: {e:#}");
-            failed = true;
-        }
-    }
-    if failed {
-        bail!("some containers could not be removed");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,12 +476,6 @@ mod tests {
         assert_eq!(human_size(1_234_567), "1.23MB");
         assert_eq!(human_size(12_345_678), "12.3MB");
         assert_eq!(human_size(123_456_789), "123MB");
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(
-            parse_rfc3339("2024-02-29T12:00:00.5+01:00"),
-            Some(1_709_204_400)
-        );
-        assert_eq!(parse_rfc3339("garbage"), None);
         assert!(glob("local*/te*", "localhost/test"));
         assert!(!glob("x*", "localhost/test"));
     }

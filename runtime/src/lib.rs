@@ -14,7 +14,15 @@ pub mod container;
 pub mod demo;
 mod error;
 pub mod image;
+pub mod time;
+pub mod volume;
 
 pub use error::{Error, Result};
 
 mod sys;
+
+/// Restores the default SIGPIPE action, so `strata images | head` ends quietly as other Unix
+/// tools do (Rust ignores SIGPIPE, which turns a closed pipe into a panic in `println!`).
+pub fn default_sigpipe() {
+    sys::default_signals(&[libc::SIGPIPE]);
+}

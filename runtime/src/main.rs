@@ -1,6 +1,7 @@
 //! `strata`: the command line.
 
 mod cli;
+mod containers;
 mod images;
 
 use std::fs::File;
@@ -18,25 +19,13 @@ use cli::{Cli, Command, LayerCommand, SnapshotterCommand, split_paths};
 fn main() {
     // The container's own stages (see strata_runtime::container): not part of the CLI.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.len() == 3 && (args[1] == "__init" || args[1] == "__child") {
-        let dir = PathBuf::from(&args[2]);
-        let code = if args[1] == "__init" {
-            strata_runtime::container::init_main(&dir).unwrap_or_else(|e| {
-                eprintln!("strata: container init: {e}");
-                125
-            })
-        } else {
-            let e = strata_runtime::container::child_main(&dir);
-            eprintln!("strata: {e}");
-            if matches!(&e, strata_runtime::Error::Io { op: "exec", err, .. } if err.kind() == std::io::ErrorKind::NotFound)
-            {
-                127
-            } else {
-                126
-            }
-        };
-        std::process::exit(code);
+    if args.len() == 3 && args[1].to_string_lossy().starts_with("__") {
+        std::process::exit(hidden_stage(
+            &args[1].to_string_lossy(),
+            Path::new(&args[2]),
+        ));
     }
+    strata_runtime::default_sigpipe();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -51,13 +40,127 @@ fn main() {
     }
 }
 
+/// `strata __init|__start|__child|__exec|__view DIR`; returns the exit code.
+fn hidden_stage(stage: &str, dir: &Path) -> i32 {
+    use strata_runtime::container;
+    match stage {
+        "__init" => container::monitor_main(dir, false),
+        "__start" => container::monitor_main(dir, true),
+        "__ns" => container::ns_main(dir).unwrap_or_else(|e| {
+            eprintln!("strata: container namespaces: {e}");
+            125
+        }),
+        "__child" => {
+            let e = container::child_main(dir);
+            eprintln!("strata: {e}");
+            if matches!(&e, strata_runtime::Error::Io { op: "exec", err, .. } if err.kind() == std::io::ErrorKind::NotFound)
+            {
+                127
+            } else {
+                126
+            }
+        }
+        "__exec" => container::exec_main(dir).unwrap_or_else(|e| {
+            eprintln!("strata: exec: {e}");
+            126
+        }),
+        "__view" => match container::view::view_main(dir) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("strata: {e}");
+                1
+            }
+        },
+        _ => {
+            eprintln!("strata: unknown stage {stage}");
+            2
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     let root = images::root(cli.root.clone());
     match cli.command {
-        Command::Run(a) => images::cmd_run(&root, a),
-        Command::Ps { all, quiet, size } => images::cmd_ps(&root, all, quiet, size),
-        Command::Rm { containers } => images::cmd_rm(&root, &containers),
-        Command::Diff { container } => images::cmd_diff(&root, &container),
+        Command::Run(a) => containers::run(&root, a),
+        Command::Create(a) => containers::create(&root, a),
+        Command::Start {
+            attach,
+            containers: c,
+        } => containers::start(&root, &c, attach),
+        Command::Stop {
+            time,
+            containers: c,
+        } => containers::stop(&root, &c, time),
+        Command::Restart {
+            time,
+            containers: c,
+        } => containers::restart(&root, &c, time),
+        Command::Kill {
+            signal,
+            containers: c,
+        } => containers::kill(&root, &c, &signal),
+        Command::Wait { containers: c } => containers::wait(&root, &c),
+        Command::Logs {
+            follow,
+            timestamps,
+            tail,
+            container,
+        } => containers::logs(&root, &container, follow, timestamps, &tail),
+        Command::Exec {
+            interactive,
+            tty,
+            env,
+            workdir,
+            user,
+            container,
+            cmd,
+        } => containers::exec(
+            &root,
+            &container,
+            strata_runtime::container::ExecOptions {
+                cmd,
+                env,
+                workdir,
+                user,
+                interactive,
+                tty,
+            },
+        ),
+        Command::Ps { all, quiet, size } => containers::ps(&root, all, quiet, size),
+        Command::Rm {
+            force,
+            volumes,
+            containers: c,
+        } => containers::rm(&root, &c, force, volumes),
+        Command::Diff { container } => containers::diff(&root, &container),
+        Command::Commit {
+            message,
+            author,
+            change,
+            container,
+            reference,
+        } => containers::commit(&root, &container, reference, message, author, change),
+        Command::Export { output, container } => {
+            containers::export(&root, &container, output.as_deref())
+        }
+        Command::Cp { src, dst } => containers::cp(&root, &src, &dst),
+        Command::Import {
+            file,
+            reference,
+            message,
+            change,
+        } => images::cmd_import(&root, &file, reference, message, change),
+        Command::Image(cli::ImageCommand::Prune { all, force: _ }) => images::cmd_prune(&root, all),
+        Command::Image(cli::ImageCommand::Ls(a)) => images::cmd_images(&root, &a),
+        Command::Volume(v) => containers::volume(&root, v),
+        Command::System(cli::SystemCommand::Df { verbose }) => {
+            containers::system_df(&root, verbose)
+        }
+        Command::System(cli::SystemCommand::Prune {
+            all,
+            volumes,
+            force: _,
+        }) => containers::system_prune(&root, all, volumes),
         Command::Load { input, quiet } => images::cmd_load(&root, &input, quiet),
         Command::Save {
             output,
@@ -69,7 +172,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             images: names,
         } => images::cmd_rmi(&root, &names, force),
-        Command::Inspect { images: names } => images::cmd_inspect(&root, &names),
+        Command::Inspect { kind, names } => containers::inspect(&root, kind.as_deref(), &names),
         Command::History { image, quiet } => images::cmd_history(&root, &image, quiet),
         Command::Layer(LayerCommand::Apply(a)) => layer_apply(a),
         Command::Layer(LayerCommand::Diff(a)) => layer_diff(a),
@@ -78,7 +181,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Umount { merged, lazy } => {
             unmount(&merged, lazy).with_context(|| format!("unmounting {}", merged.display()))
         }
-        Command::Info { dir } => info(dir),
+        Command::Info { dir } => info(&root, dir),
         Command::Snapshotter(SnapshotterCommand::Serve {
             root,
             address,
@@ -222,9 +325,13 @@ fn mount(a: cli::MountArgs) -> Result<()> {
     Ok(())
 }
 
-fn info(dir: Option<PathBuf>) -> Result<()> {
+fn info(root: &Path, dir: Option<PathBuf>) -> Result<()> {
+    if root.is_dir() {
+        containers::info_store(root)?;
+    }
     let dir = match dir {
         Some(d) => d,
+        None if root.is_dir() => root.to_path_buf(),
         None => std::env::current_dir()?,
     };
     let f = probe::probe(&dir);

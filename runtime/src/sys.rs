@@ -57,3 +57,82 @@ pub fn last_cap() -> u32 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(40)
 }
+
+/// Sets the given signals to be ignored (`SIG_IGN`) in this process.
+pub fn ignore_signals(sigs: &[libc::c_int]) {
+    for &s in sigs {
+        // SAFETY: SIG_IGN installs no handler code, so no async-signal-safety concerns.
+        unsafe { libc::signal(s, libc::SIG_IGN) };
+    }
+}
+
+/// Restores the default action of the given signals (an ignored signal stays ignored across
+/// exec, so a container's process must get them back).
+pub fn default_signals(sigs: &[libc::c_int]) {
+    for &s in sigs {
+        // SAFETY: SIG_DFL installs no handler code.
+        unsafe { libc::signal(s, libc::SIG_DFL) };
+    }
+}
+
+/// Makes the terminal on `fd` the controlling terminal of this process, which must be a
+/// session leader (`TIOCSCTTY`).
+pub fn set_controlling_tty(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TIOCSCTTY takes an integer argument.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A terminal's window size (`TIOCGWINSZ`), or `None` when `fd` is not a terminal.
+pub fn window_size(fd: std::os::fd::BorrowedFd<'_>) -> Option<libc::winsize> {
+    use std::os::fd::AsRawFd;
+    let mut ws = std::mem::MaybeUninit::<libc::winsize>::zeroed();
+    // SAFETY: TIOCGWINSZ writes one winsize into the valid buffer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, ws.as_mut_ptr()) };
+    // SAFETY: the ioctl succeeded, so it filled `ws` (zeroed before anyway).
+    (r == 0).then(|| unsafe { ws.assume_init() })
+}
+
+/// Sets a terminal's window size (`TIOCSWINSZ`).
+pub fn set_window_size(fd: std::os::fd::BorrowedFd<'_>, ws: &libc::winsize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TIOCSWINSZ reads one winsize from a valid reference.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, ws as *const libc::winsize) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes `cmd`'s child a session leader whose controlling terminal is its stdin (which must
+/// be a terminal): what a shell on a pseudo-terminal needs for job control and `^C`.
+pub fn spawn_on_terminal(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls are made (setsid, ioctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`, clock ticks since boot):
+/// with the pid, it names a process uniquely, as pids get reused.
+pub fn process_start(pid: i64) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: skip past it.
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Takes ownership of an fd the kernel just installed in this process through `SCM_RIGHTS`.
+pub fn adopt_received_fd(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: recvmsg installed `fd` for this process alone; nothing else owns or closes it.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}

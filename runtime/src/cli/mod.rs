@@ -31,8 +31,89 @@ pub enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Run a command in a new container (in the foreground; exits with its exit code).
+    /// Run a command in a new container (foreground: exits with its exit code; -d: detached).
     Run(RunArgs),
+    /// Create a container without starting it (prints its ID).
+    Create(RunArgs),
+    /// Start stopped containers.
+    Start {
+        /// Attach to the container's output and exit with its code.
+        #[arg(short, long)]
+        attach: bool,
+        /// Containers (names or IDs).
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Stop running containers: SIGTERM, then SIGKILL after the grace period.
+    Stop {
+        /// Seconds to wait before SIGKILL.
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+        /// Containers (names or IDs).
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Stop and start containers again.
+    Restart {
+        /// Seconds to wait before SIGKILL.
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+        /// Containers (names or IDs).
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Send a signal to running containers.
+    Kill {
+        /// The signal (name or number).
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        /// Containers (names or IDs).
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Block until containers stop, then print their exit codes.
+    Wait {
+        /// Containers (names or IDs).
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// Show a container's output.
+    Logs {
+        /// Keep following the output until the container stops.
+        #[arg(short, long)]
+        follow: bool,
+        /// Show each line's time.
+        #[arg(short, long)]
+        timestamps: bool,
+        /// Only the last N lines (`all` for everything).
+        #[arg(short = 'n', long, default_value = "all")]
+        tail: String,
+        /// The container.
+        container: String,
+    },
+    /// Run a command in a running container.
+    Exec {
+        /// Keep stdin open.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a pseudo-terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// Set an environment variable.
+        #[arg(short, long)]
+        env: Vec<String>,
+        /// Working directory.
+        #[arg(short, long)]
+        workdir: Option<String>,
+        /// User.
+        #[arg(short, long)]
+        user: Option<String>,
+        /// The container.
+        container: String,
+        /// Command and arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
     /// List containers.
     Ps {
         /// All containers, not only running ones.
@@ -50,12 +131,71 @@ pub enum Command {
         /// The container (name or ID).
         container: String,
     },
+    /// Make a new image from a container's changes.
+    Commit {
+        /// Commit message.
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Author.
+        #[arg(short, long)]
+        author: Option<String>,
+        /// Apply a Dockerfile instruction to the image config (CMD, ENTRYPOINT, ENV, ...).
+        #[arg(short, long)]
+        change: Vec<String>,
+        /// The container.
+        container: String,
+        /// The new image's name.
+        reference: Option<String>,
+    },
+    /// Write a container's filesystem as a tar archive.
+    Export {
+        /// Output file (default: stdout).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// The container.
+        container: String,
+    },
+    /// Copy files between a container and the host: `CONTAINER:SRC DST` or `SRC CONTAINER:DST`.
+    Cp {
+        /// Source.
+        src: String,
+        /// Destination.
+        dst: String,
+    },
     /// Remove containers.
     Rm {
+        /// Kill a running container first.
+        #[arg(short, long)]
+        force: bool,
+        /// Remove the container's anonymous volumes too.
+        #[arg(short, long)]
+        volumes: bool,
         /// Containers (names or IDs).
         #[arg(required = true)]
         containers: Vec<String>,
     },
+    /// Make a one-layer image from a root filesystem tarball (plain, gzip or zstd).
+    Import {
+        /// The tarball.
+        file: PathBuf,
+        /// The image's name.
+        reference: Option<String>,
+        /// Commit message.
+        #[arg(short, long)]
+        message: Option<String>,
+        /// Apply a Dockerfile instruction to the image config.
+        #[arg(short, long)]
+        change: Vec<String>,
+    },
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Disk usage and clean-up.
+    #[command(subcommand)]
+    System(SystemCommand),
     /// Save images to an OCI image layout archive.
     Save {
         /// Output file.
@@ -83,11 +223,14 @@ pub enum Command {
         #[arg(required = true)]
         images: Vec<String>,
     },
-    /// Show an image's configuration as JSON.
+    /// Show containers, images or volumes as JSON.
     Inspect {
-        /// Images (references or IDs).
+        /// What to look at: `container`, `image` or `volume` (default: whatever has the name).
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Names or IDs.
         #[arg(required = true)]
-        images: Vec<String>,
+        names: Vec<String>,
     },
     /// Show an image's layers with their size and the command that made them.
     History {
@@ -112,7 +255,7 @@ pub enum Command {
     },
     /// Show what the kernel's overlayfs supports here.
     Info {
-        /// Directory on the backing filesystem to probe (default: the current directory).
+        /// Directory on the backing filesystem to probe (default: the store root, if it exists).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -124,6 +267,88 @@ pub enum Command {
         /// Keep the demo's directory instead of removing it.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+/// `strata image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Remove dangling images (with -a: every image no container uses).
+    Prune {
+        /// All unused images, not only dangling ones.
+        #[arg(short, long)]
+        all: bool,
+        /// Do not ask (strata never asks; accepted for Docker's scripts).
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// List images (as `strata images`).
+    Ls(ImagesArgs),
+}
+
+/// `strata volume ...`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (a random name when none is given).
+    Create {
+        /// The name.
+        name: Option<String>,
+        /// A label, `KEY=VALUE`.
+        #[arg(short, long)]
+        label: Vec<String>,
+    },
+    /// List volumes.
+    Ls {
+        /// Only names.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show volumes as JSON.
+    Inspect {
+        /// Volume names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove volumes (refused while a container uses one).
+    Rm {
+        /// A missing volume is no error.
+        #[arg(short, long)]
+        force: bool,
+        /// Volume names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove unused anonymous volumes (with -a: every unused volume).
+    Prune {
+        /// Named volumes too.
+        #[arg(short, long)]
+        all: bool,
+        /// Do not ask (accepted for Docker's scripts).
+        #[arg(short, long)]
+        force: bool,
+    },
+}
+
+/// `strata system ...`
+#[derive(Debug, Subcommand)]
+pub enum SystemCommand {
+    /// Disk usage of images, containers and volumes, and what could be reclaimed.
+    Df {
+        /// One row per image, container and volume.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Remove stopped containers, dangling images (-a: unused ones) and unused layers.
+    Prune {
+        /// Every unused image, not only dangling ones.
+        #[arg(short, long)]
+        all: bool,
+        /// Unused anonymous volumes too.
+        #[arg(long)]
+        volumes: bool,
+        /// Do not ask (accepted for Docker's scripts).
+        #[arg(short, long)]
+        force: bool,
     },
 }
 
@@ -284,9 +509,18 @@ pub struct ImagesArgs {
     pub format: String,
 }
 
-/// `strata run`
+/// `strata run` and `strata create`
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Run in the background and print the container's ID.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Keep stdin open.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a pseudo-terminal.
+    #[arg(short, long)]
+    pub tty: bool,
     /// Remove the container when it exits.
     #[arg(long)]
     pub rm: bool,
@@ -296,13 +530,16 @@ pub struct RunArgs {
     /// Set an environment variable (`KEY=VALUE`, or `KEY` to pass this one's).
     #[arg(short, long)]
     pub env: Vec<String>,
+    /// Read environment variables from a file of `KEY=VALUE` lines.
+    #[arg(long)]
+    pub env_file: Vec<PathBuf>,
     /// Working directory inside the container.
     #[arg(short, long)]
     pub workdir: Option<String>,
     /// Hostname.
     #[arg(long)]
     pub hostname: Option<String>,
-    /// Override the image's entrypoint.
+    /// Override the image's entrypoint (`""` clears it).
     #[arg(long)]
     pub entrypoint: Option<String>,
     /// Mount the root filesystem read-only.
@@ -311,6 +548,18 @@ pub struct RunArgs {
     /// User (`uid[:gid]` or a name from the image's /etc/passwd).
     #[arg(short, long)]
     pub user: Option<String>,
+    /// A volume: `NAME:/path[:ro]`, `/host/path:/path[:ro]`, or `/path` (anonymous).
+    #[arg(short, long)]
+    pub volume: Vec<String>,
+    /// A mount: `type=volume|bind|tmpfs,source=..,target=..[,readonly]`.
+    #[arg(long)]
+    pub mount: Vec<String>,
+    /// A tmpfs: `/path[:options]`.
+    #[arg(long)]
+    pub tmpfs: Vec<String>,
+    /// Network: `none` (loopback only, the default) or `host`.
+    #[arg(long)]
+    pub network: Option<String>,
     /// The image.
     pub image: String,
     /// Command and arguments.

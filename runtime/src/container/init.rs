@@ -1,13 +1,12 @@
-//! The two stages inside a container, run by re-executing `strata`:
+//! `strata __child DIR`: pid 1 of the container's PID namespace, started by the monitor.
 //!
-//! - `__init DIR` enters new mount, UTS, IPC and network namespaces, unshares the PID
-//!   namespace for its children, makes every mount private, mounts the snapshot on `rootfs`,
-//!   sets the hostname, brings up loopback, starts `__child` and waits for it;
-//! - `__child DIR`, pid 1 of the new PID namespace, mounts `/proc`, a minimal `/dev` and
-//!   `/sys` (read-only), binds `/etc/hostname` and `/etc/hosts`, `pivot_root`s into the
-//!   rootfs, drops capabilities to Docker's default set, sets no_new_privs, changes user and
-//!   directory, and execs the command.
+//! In a mount namespace of its own (so `pivot_root` leaves the monitor's root alone) it mounts
+//! `/proc`, a minimal `/dev` and `/sys` (read-only), the container's volumes, binds and tmpfs
+//! mounts, and `/etc/hostname` and `/etc/hosts`; then it `pivot_root`s into the rootfs, drops
+//! capabilities to Docker's default set, sets no_new_privs, changes user and directory, and
+//! execs the command.
 
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -22,53 +21,6 @@ fn nix_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> E
     move |e| Error::io(op, path, e.into())
 }
 
-/// `strata __init DIR`: returns the container's exit code.
-pub fn init_main(dir: &Path) -> Result<i32> {
-    let cfg = read_json(&dir.join("config.json"))?;
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWPID,
-    )
-    .map_err(nix_err("unshare namespaces", dir))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(nix_err("make mounts private", Path::new("/")))?;
-    let rootfs = dir.join("rootfs");
-    for m in cfg["Mounts"].as_array().cloned().unwrap_or_default() {
-        let mnt = strata_overlay::Mount {
-            kind: m["Type"].as_str().unwrap_or_default().into(),
-            source: m["Source"].as_str().unwrap_or_default().into(),
-            options: m["Options"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
-        mnt.mount(&rootfs)?;
-    }
-    nix::unistd::sethostname(cfg["Hostname"].as_str().unwrap_or("strata"))
-        .map_err(nix_err("set hostname", dir))?;
-    sys::loopback_up().map_err(|e| Error::io("bring up loopback", dir, e))?;
-    let exe = std::env::current_exe().map_err(|e| Error::io("find own binary", dir, e))?;
-    let status = Command::new(exe)
-        .arg("__child")
-        .arg(dir)
-        .status()
-        .map_err(|e| Error::io("start pid 1", dir, e))?;
-    Ok(super::exit_code(status))
-}
-
 fn bind_file(src: &Path, dst: &Path) -> Result<()> {
     if !dst.exists() {
         std::fs::write(dst, b"").map_err(|e| Error::io("create mount point", dst, e))?;
@@ -77,7 +29,7 @@ fn bind_file(src: &Path, dst: &Path) -> Result<()> {
         .map_err(nix_err("bind mount", dst))
 }
 
-fn user_ids(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
+pub(super) fn user_ids(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
     let (u, g) = user
         .split_once(':')
         .map_or((user, None), |(u, g)| (u, Some(g)));
@@ -131,9 +83,149 @@ pub fn child_main(dir: &Path) -> Error {
     }
 }
 
+/// The path `inside` (absolute, in the container) resolved below `rootfs` the way the
+/// container will see it: symlinks are followed but can never leave `rootfs` (an absolute
+/// target restarts at `rootfs`, `..` stops there). The result holds no symlink, so creating
+/// directories along it cannot touch the host. Missing components are kept as given.
+pub(super) fn resolve_in_root(rootfs: &Path, inside: &str) -> Result<std::path::PathBuf> {
+    let mut todo: Vec<String> = inside
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .rev()
+        .map(String::from)
+        .collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(comp) = todo.pop() {
+        if comp == ".." {
+            done.pop();
+            continue;
+        }
+        let here: std::path::PathBuf = done
+            .iter()
+            .fold(rootfs.to_path_buf(), |p, c| p.join(c))
+            .join(&comp);
+        match std::fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(Error::io(
+                        "resolve",
+                        &here,
+                        std::io::Error::from_raw_os_error(libc::ELOOP),
+                    ));
+                }
+                let target =
+                    std::fs::read_link(&here).map_err(|e| Error::io("read link", &here, e))?;
+                let t = target.to_string_lossy().into_owned();
+                if t.starts_with('/') {
+                    done.clear();
+                }
+                todo.extend(
+                    t.split('/')
+                        .filter(|c| !c.is_empty() && *c != ".")
+                        .rev()
+                        .map(String::from),
+                );
+            }
+            _ => done.push(comp),
+        }
+    }
+    Ok(done.iter().fold(rootfs.to_path_buf(), |p, c| p.join(c)))
+}
+
+/// True when `dir` is an empty directory (or missing).
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut it| it.next().is_none())
+}
+
+/// The container's volumes, binds and tmpfs mounts, parents before children.
+fn mount_binds(cfg: &serde_json::Value, rootfs: &Path) -> Result<()> {
+    let mut binds = cfg["Binds"].as_array().cloned().unwrap_or_default();
+    binds.sort_by_key(|b| {
+        b["Destination"]
+            .as_str()
+            .map_or(0, |d| d.matches('/').count())
+    });
+    for b in binds {
+        let kind = b["Type"].as_str().unwrap_or_default();
+        let dest = b["Destination"].as_str().unwrap_or_default();
+        let source = Path::new(b["Source"].as_str().unwrap_or_default());
+        let target = resolve_in_root(rootfs, dest)?;
+        let file_bind = kind == "bind" && !source.is_dir();
+        if file_bind {
+            if let Some(p) = target.parent() {
+                std::fs::create_dir_all(p).map_err(|e| Error::io("create mount point", p, e))?;
+            }
+            if !target.exists() {
+                std::fs::write(&target, b"")
+                    .map_err(|e| Error::io("create mount point", &target, e))?;
+            }
+        } else {
+            // An empty volume mounted over image content is filled from it first (Docker).
+            if kind == "volume"
+                && !b["NoCopy"].as_bool().unwrap_or(false)
+                && target.is_dir()
+                && !is_empty_dir(&target)
+                && is_empty_dir(source)
+            {
+                strata_overlay::tree::copy_tree(&target, source)?;
+            }
+            std::fs::create_dir_all(&target)
+                .map_err(|e| Error::io("create mount point", &target, e))?;
+        }
+        let ro = b["ReadOnly"].as_bool().unwrap_or(false);
+        if kind == "tmpfs" {
+            let opts = b["Options"].as_str().unwrap_or_default();
+            let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            let mut data = Vec::new();
+            for o in opts.split(',').filter(|o| !o.is_empty()) {
+                match o {
+                    "exec" => flags.remove(MsFlags::MS_NOEXEC),
+                    "suid" => flags.remove(MsFlags::MS_NOSUID),
+                    "dev" => flags.remove(MsFlags::MS_NODEV),
+                    "noexec" | "nosuid" | "nodev" | "rw" => {}
+                    "ro" => flags |= MsFlags::MS_RDONLY,
+                    other => data.push(other),
+                }
+            }
+            if ro {
+                flags |= MsFlags::MS_RDONLY;
+            }
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                flags,
+                Some(data.join(",").as_str()),
+            )
+            .map_err(nix_err("mount tmpfs", &target))?;
+            continue;
+        }
+        mount(
+            Some(source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(nix_err("bind mount", &target))?;
+        if ro {
+            let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+                .map_err(nix_err("remount read-only", &target))?;
+        }
+    }
+    Ok(())
+}
+
 fn child_setup(dir: &Path) -> Result<Command> {
     let cfg = read_json(&dir.join("config.json"))?;
     let rootfs = dir.join("rootfs");
+    // A mount namespace of its own: pivot_root moves every process of a namespace that sits
+    // at its root, and the monitor must keep the host's.
+    unshare(CloneFlags::CLONE_NEWNS).map_err(nix_err("unshare the mount namespace", dir))?;
+    sys::default_signals(&[libc::SIGINT, libc::SIGQUIT, libc::SIGHUP, libc::SIGPIPE]);
     let mkdir = |p: &Path| std::fs::create_dir_all(p).map_err(|e| Error::io("create", p, e));
     let proc_dir = rootfs.join("proc");
     mkdir(&proc_dir)?;
@@ -194,9 +286,22 @@ fn child_setup(dir: &Path) -> Result<Command> {
             .map_err(|e| Error::io("create", dev.join(link), e))?;
     }
     let read_only = cfg["ReadOnly"].as_bool().unwrap_or(false);
-    if rootfs.join("etc").is_dir() {
-        bind_file(&dir.join("hostname"), &rootfs.join("etc/hostname"))?;
-        bind_file(&dir.join("hosts"), &rootfs.join("etc/hosts"))?;
+    mount_binds(&cfg, &rootfs)?;
+    let etc = resolve_in_root(&rootfs, "/etc")?;
+    if etc.is_dir() {
+        // Resolved in the root: an image's /etc/hosts may be a symlink, which must not lead
+        // the bind mount out of the container.
+        bind_file(
+            &dir.join("hostname"),
+            &resolve_in_root(&rootfs, "/etc/hostname")?,
+        )?;
+        bind_file(&dir.join("hosts"), &resolve_in_root(&rootfs, "/etc/hosts")?)?;
+        if cfg["Network"] == "host" && Path::new("/etc/resolv.conf").exists() {
+            bind_file(
+                Path::new("/etc/resolv.conf"),
+                &resolve_in_root(&rootfs, "/etc/resolv.conf")?,
+            )?;
+        }
     }
     if read_only {
         let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
@@ -208,6 +313,21 @@ fn child_setup(dir: &Path) -> Result<Command> {
     nix::unistd::pivot_root(".", ".").map_err(nix_err("pivot_root", &rootfs))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(nix_err("detach the old root", Path::new("/")))?;
     nix::unistd::chdir("/").map_err(nix_err("chdir", Path::new("/")))?;
+    if cfg["Tty"].as_bool().unwrap_or(false) {
+        // A terminal of the container's own devpts (so it exists by name inside), its master
+        // handed to the monitor over stdin, the slave made our stdio and controlling terminal.
+        let (master, slave) = super::stdio::open_pty()?;
+        super::stdio::send_fd(std::io::stdin(), &master)?;
+        drop(master);
+        let err = |e: nix::Error| Error::io("attach the terminal", Path::new("/dev/pts"), e.into());
+        nix::unistd::dup2_stdin(&slave).map_err(err)?;
+        nix::unistd::dup2_stdout(&slave).map_err(err)?;
+        nix::unistd::dup2_stderr(&slave).map_err(err)?;
+        drop(slave);
+        nix::unistd::setsid().map_err(nix_err("start a session", dir))?;
+        sys::set_controlling_tty(std::io::stdin().as_fd())
+            .map_err(|e| Error::io("set the controlling terminal", dir, e))?;
+    }
     let workdir = cfg["WorkingDir"].as_str().unwrap_or("/").to_string();
     if !read_only {
         // Docker creates a missing working directory.
@@ -223,19 +343,12 @@ fn child_setup(dir: &Path) -> Result<Command> {
         }
     }
     nix::sys::prctl::set_no_new_privs().map_err(nix_err("set no_new_privs", Path::new("/")))?;
-    let args: Vec<String> = cfg["Args"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let args = super::strings(&cfg["Args"]);
     let mut cmd = Command::new(&args[0]);
     cmd.args(&args[1..]).env_clear().current_dir(&workdir);
-    if let Some(env) = cfg["Env"].as_object() {
-        for (k, v) in env {
-            cmd.env(k, v.as_str().unwrap_or_default());
+    for e in super::strings(&cfg["Env"]) {
+        if let Some((k, v)) = e.split_once('=') {
+            cmd.env(k, v);
         }
     }
     if (uid, gid) != (0, 0) {

@@ -2,6 +2,7 @@
 //! shared snapshots by chain ID.
 
 mod archive;
+mod import;
 mod reference;
 mod store;
 
@@ -12,6 +13,7 @@ use strata_overlay::{ApplyOptions, Digest};
 use strata_snapshotter::{Mode, Snapshotter};
 
 pub use archive::{load, save};
+pub use import::{host_arch, import};
 pub use reference::Reference;
 pub use store::{Image, Store, chain_id};
 

@@ -157,6 +157,39 @@ impl Store {
         result.map(|new| (digest, size, new))
     }
 
+    /// Writes a blob produced by `f` into the ingest dir, hashing it on the way, and stores it
+    /// under its digest once `f` succeeds (nothing is kept otherwise). For blobs made here,
+    /// like a committed layer, which are streamed once straight into the store.
+    pub fn put_with<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Write) -> Result<T>,
+    ) -> Result<(Digest, u64, T)> {
+        let tmp = self.root.join("content/ingest").join(format!(
+            "{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        let file = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let mut w = HashWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
+        let result = f(&mut w).and_then(|v| {
+            w.flush().map_err(|e| Error::io("write blob", &tmp, e))?;
+            let (digest, size, inner) = w.finish();
+            let digest = digest.expect("blobs are hashed");
+            let file = inner
+                .into_inner()
+                .map_err(|e| Error::io("write blob", &tmp, e.into_error()))?;
+            file.sync_all()
+                .map_err(|e| Error::io("sync blob", &tmp, e))?;
+            let dst = self.blob_path(&digest);
+            if !dst.exists() {
+                std::fs::rename(&tmp, &dst).map_err(|e| Error::io("store blob", &dst, e))?;
+            }
+            Ok((digest, size, v))
+        });
+        let _ = std::fs::remove_file(&tmp);
+        result
+    }
+
     /// Writes bytes as a blob.
     pub fn put_bytes(&self, data: &[u8]) -> Result<(Digest, bool)> {
         let (d, _, new) = self.put_blob(&mut &data[..], None)?;
