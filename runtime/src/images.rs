@@ -253,6 +253,10 @@ fn rmi_one(root: &Path, images: &mut Images, n: &str, force: bool) -> Result<()>
             users.join(", ")
         );
     }
+    if last_name {
+        // Nothing is untagged if the image then can't go.
+        images.check_delete(&img)?;
+    }
     if let Some(r) = n.parse::<Reference>().ok().filter(|r| img.tags.contains(r)) {
         // By tag: untag; the image goes once no tag is left.
         images.store.untag(&r)?;
@@ -342,16 +346,16 @@ pub fn prune(root: &Path, images: &mut Images, all: bool) -> Result<u64> {
         if used.contains(&img.config.to_string()) || (!all && !img.tags.is_empty()) {
             continue;
         }
+        // A container stands on one of its layers (through a commit): keep it, tags too.
+        match images.check_delete(&img) {
+            Err(strata_runtime::Error::Conflict(_)) => continue,
+            r => r?,
+        }
         for t in &img.tags {
             images.store.untag(t)?;
             deleted.push(format!("untagged: {}", t.familiar()));
         }
-        let chains = match images.delete(&img) {
-            Ok(c) => c,
-            // A container sits on one of its layers (through a commit): keep it.
-            Err(strata_runtime::Error::Conflict(_)) => continue,
-            Err(e) => return Err(e.into()),
-        };
+        let chains = images.delete(&img)?;
         deleted.push(format!("deleted: {}", img.config));
         for c in chains {
             deleted.push(format!("deleted: {c}"));

@@ -72,15 +72,37 @@ pub(super) fn user_ids(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
 }
 
 /// `strata __child DIR`: sets up the root and execs the command; returns only on error.
+///
+/// A failure before the command runs is also written to `DIR/start-error` (through a dir fd
+/// opened before `pivot_root` hides `DIR`), so the monitor can tell "could not start" from
+/// "ran and exited".
 pub fn child_main(dir: &Path) -> Error {
-    match child_setup(dir) {
+    let dir_fd = std::fs::File::open(dir).ok();
+    let e = match child_setup(dir) {
         Ok(cmd) => {
             let mut cmd = cmd;
             let e = cmd.exec();
             Error::io("exec", Path::new(cmd.get_program()), e)
         }
         Err(e) => e,
+    };
+    if let Some(d) = dir_fd {
+        use std::os::fd::AsRawFd;
+        // /proc/self/fd/N reaches DIR whatever the root is now.
+        let p = format!("/proc/self/fd/{}/start-error", d.as_raw_fd());
+        if std::fs::write(&p, e.to_string()).is_err() {
+            // /proc may be the container's now; that one shows this process too.
+            let _ = std::fs::write(
+                format!(
+                    "/proc/{}/fd/{}/start-error",
+                    std::process::id(),
+                    d.as_raw_fd()
+                ),
+                e.to_string(),
+            );
+        }
     }
+    e
 }
 
 /// The path `inside` (absolute, in the container) resolved below `rootfs` the way the

@@ -43,12 +43,12 @@ pub fn start(c: &Container, attach: bool) -> Result<Option<i32>> {
         .take()
         .expect("piped")
         .read_to_string(&mut said);
-    if let Ok(Some(_)) = child.try_wait() {
-        if c.status()? != Status::Running && !said.trim().is_empty() {
-            return Err(Error::Invalid(
-                said.trim().trim_start_matches("strata: ").to_string(),
-            ));
-        }
+    // Said something and not running: it failed to start (the state says "created").
+    if !said.trim().is_empty() && c.status()? == Status::Created {
+        let _ = child.wait();
+        return Err(Error::Invalid(
+            said.trim().trim_start_matches("strata: ").to_string(),
+        ));
     }
     Ok(None)
 }

@@ -121,22 +121,28 @@ impl Container {
     /// The host pid of the container's first process while it runs.
     pub fn pid(&self) -> Result<Option<i64>> {
         let st = self.state()?;
-        Ok((status_of(&st) == Status::Running).then(|| st["Pid"].as_i64().unwrap_or(0)))
+        let pid = st["Pid"].as_i64().unwrap_or(0);
+        let alive = pid > 0
+            && sys::process_start(pid)
+                .is_some_and(|s| st["PidStart"].as_u64().is_none_or(|t| t == s));
+        Ok((status_of(&st) == Status::Running && alive).then_some(pid))
     }
 }
 
-/// The status a state document describes (see [`Container::status`]).
+/// The status a state document describes (see [`Container::status`]). A record that says
+/// "running" stays running while its process, or its monitor (about to record the exit),
+/// lives; with both gone the container died with its monitor: exited by SIGKILL.
 pub fn status_of(state: &Value) -> Status {
+    let alive = |pid: &str, start: &str| {
+        let pid = state[pid].as_i64().unwrap_or(0);
+        let start = state[start].as_u64();
+        pid > 0 && sys::process_start(pid).is_some_and(|s| start.is_none_or(|t| t == s))
+    };
     match state["Status"].as_str() {
-        Some("running") => {
-            let pid = state["Pid"].as_i64().unwrap_or(0);
-            let start = state["PidStart"].as_u64();
-            if pid > 0 && sys::process_start(pid).is_some_and(|s| start.is_none_or(|t| t == s)) {
-                Status::Running
-            } else {
-                Status::Exited(137)
-            }
+        Some("running") if alive("Pid", "PidStart") || alive("MonitorPid", "MonitorStart") => {
+            Status::Running
         }
+        Some("running") => Status::Exited(137),
         Some("exited") => Status::Exited(state["ExitCode"].as_i64().unwrap_or(0)),
         _ => Status::Created,
     }

@@ -13,6 +13,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -150,7 +151,9 @@ fn run(c: &Container, detached: bool) -> Result<i32> {
     let log = Log::open(&c.log_path())?;
     let exe = std::env::current_exe().map_err(|e| Error::io("find own binary", &c.dir, e))?;
     let pid_file = c.dir.join("pid");
+    let start_error = c.dir.join("start-error");
     let _ = std::fs::remove_file(&pid_file);
+    let _ = std::fs::remove_file(&start_error);
     let mut cmd = Command::new(exe);
     cmd.arg("__ns").arg(&c.dir);
     let stdin = std::io::stdin();
@@ -224,14 +227,34 @@ fn run(c: &Container, detached: bool) -> Result<i32> {
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     };
+    // Detached, the CLI must learn whether the command could be started at all: wait until
+    // the process is no longer this binary (it exec'd the command) or is gone.
+    let mut execd = false;
+    if let (Some(pid), true) = (started, detached) {
+        let me = std::fs::metadata("/proc/self/exe").ok();
+        execd = loop {
+            match std::fs::metadata(format!("/proc/{pid}/exe")) {
+                Ok(m)
+                    if me
+                        .as_ref()
+                        .is_some_and(|me| (me.dev(), me.ino()) == (m.dev(), m.ino())) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Ok(_) => break true,
+                Err(_) => break false,
+            }
+        };
+    }
     if let Some(pid) = started {
         st["Pid"] = json!(pid);
         st["PidStart"] = json!(sys::process_start(pid));
         st["NsPid"] = json!(ns.id());
         st["MonitorPid"] = json!(std::process::id());
+        st["MonitorStart"] = json!(sys::process_start(std::process::id() as i64));
         st["StartedAt"] = json!(crate::time::now());
         c.set_state(&st)?;
-        if detached {
+        if execd {
             // The CLI waits for this: the container runs, and nothing more will be said.
             err_echo.off();
             if let Ok(null) = File::options().write(true).open("/dev/null") {
@@ -247,6 +270,14 @@ fn run(c: &Container, detached: bool) -> Result<i32> {
     }
     drop(_raw);
     let code = super::exit_code(status);
+    if let Ok(msg) = std::fs::read_to_string(&start_error) {
+        let mut st = super::new_state("created");
+        st["Error"] = json!(msg);
+        st["ExitCode"] = json!(code);
+        c.set_state(&st)?;
+        // The first process said why on stderr already.
+        return Ok(code);
+    }
     if started.is_none() {
         return Err(Error::Invalid(format!(
             "the container's namespaces could not be set up (exit code {code}); see its log"

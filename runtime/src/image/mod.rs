@@ -170,10 +170,12 @@ impl Images {
         }
     }
 
-    /// Deletes image `img`: its record, the layer snapshots and blobs no other image uses.
-    /// Returns the chains removed. Fails with [`Error::Conflict`], changing nothing, while a
-    /// container sits on one of those layers.
-    pub fn delete(&mut self, img: &Image) -> Result<Vec<Digest>> {
+    /// The layers (chains, top first) and blobs that deleting `img` would remove: those no
+    /// other image uses.
+    fn deletion_plan(
+        &self,
+        img: &Image,
+    ) -> Result<(Parsed, Vec<Digest>, std::collections::HashSet<Digest>)> {
         let parsed = self.parse(img)?;
         let mine = Self::chains(&parsed)?;
         let mut keep_chains = std::collections::HashSet::new();
@@ -198,8 +200,45 @@ impl Images {
             .take_while(|c| !keep_chains.contains(*c))
             .copied()
             .collect();
-        // The containers' shared init layers on these chains go first; while a container still
-        // sits on one, nothing is changed.
+        Ok((parsed, gone, keep_blobs))
+    }
+
+    /// Fails with [`Error::Conflict`] if deleting `img` would pull a layer from under a
+    /// container (one run from it, or one whose changes `commit` adopted into it). Changes
+    /// nothing.
+    pub fn check_delete(&mut self, img: &Image) -> Result<()> {
+        let (_, gone, _) = self.deletion_plan(img)?;
+        let snap = self.snapshotter()?;
+        for c in &gone {
+            let init = format!("init-{}", c.hex());
+            let mut users = snap.list(&[format!("parent=={init}")])?;
+            users.extend(
+                snap.list(&[format!("parent=={c}")])?
+                    .into_iter()
+                    .filter(|i| i.name != init && !gone.iter().any(|g| g.to_string() == i.name)),
+            );
+            if let Some(u) = users.first() {
+                let who = u
+                    .name
+                    .strip_prefix("ctr-")
+                    .map(|id| format!("container {}", &id[..12.min(id.len())]))
+                    .unwrap_or_else(|| format!("snapshot {}", u.name));
+                return Err(Error::Conflict(format!(
+                    "image {} is used by {who} (its layer {c}): remove the container first",
+                    img.config
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes image `img`: its record, the layer snapshots and blobs no other image uses.
+    /// Returns the chains removed. Fails with [`Error::Conflict`], changing nothing, while a
+    /// container sits on one of those layers.
+    pub fn delete(&mut self, img: &Image) -> Result<Vec<Digest>> {
+        self.check_delete(img)?;
+        let (parsed, gone, keep_blobs) = self.deletion_plan(img)?;
+        // The containers' shared init layers on these chains go first.
         for c in &gone {
             match self.snapshotter()?.remove(&format!("init-{}", c.hex())) {
                 Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => {}

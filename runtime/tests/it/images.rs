@@ -170,7 +170,7 @@ fn a_corrupt_or_foreign_archive_leaves_the_store_unchanged() {
     let root = d.join("root");
     ok(st(&root).arg("load").arg("-i").arg(&oci));
     let before = (
-        ok(st(&root).arg("images")),
+        ok(st(&root).args(["images", "-q"])),
         count(&root.join("content/blobs/sha256")),
         count(&root.join("snapshotter/snapshots")),
     );
@@ -207,7 +207,7 @@ fn a_corrupt_or_foreign_archive_leaves_the_store_unchanged() {
         "{err}"
     );
     let after = (
-        ok(st(&root).arg("images")),
+        ok(st(&root).args(["images", "-q"])),
         count(&root.join("content/blobs/sha256")),
         count(&root.join("snapshotter/snapshots")),
     );
@@ -241,5 +241,5 @@ fn a_corrupt_or_foreign_archive_leaves_the_store_unchanged() {
     }
     let out = run(st(&root).args(["tag", "localhost/test:v1", "Bad:Ref"]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid reference"));
-    assert_eq!(ok(st(&root).arg("images")), before.0);
+    assert_eq!(ok(st(&root).args(["images", "-q"])), before.0);
 }

@@ -4,5 +4,7 @@ mod containerd;
 mod crash;
 mod images;
 mod layer;
+mod lifecycle;
 mod run;
+mod storage;
 mod support;

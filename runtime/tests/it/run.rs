@@ -3,19 +3,7 @@
 //! capabilities and no_new_privs, loopback only, and its exit code, options and cleanup
 //! behave as in Docker.
 
-use std::path::Path;
-
-use crate::support::{image_archive, ok, require_root, run, scratch, st};
-
-fn loaded(d: &Path) -> std::path::PathBuf {
-    let archive = image_archive(d, "img.tar");
-    let root = d.join("root");
-    assert_eq!(
-        ok(st(&root).arg("load").arg("-i").arg(&archive)),
-        "Loaded image: localhost/img:latest\n"
-    );
-    root
-}
+use crate::support::{loaded, ok, require_root, run, scratch, st};
 
 #[test]
 fn run_isolates_and_reports_like_docker() {

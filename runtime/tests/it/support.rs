@@ -155,7 +155,10 @@ pub fn build_image(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for c in ["sh", "cat", "test", "ls", "echo", "true", "sleep"] {
+    for c in [
+        "sh", "cat", "test", "ls", "echo", "true", "sleep", "ps", "tty", "rm", "mkdir", "touch",
+        "grep", "ln", "hostname", "stat", "wc",
+    ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(c)).unwrap();
     }
     std::fs::write(root.join("etc/from-lower"), "from the lower layer\n").unwrap();
@@ -197,4 +200,39 @@ pub fn image_archive(dir: &Path, file: &str) -> PathBuf {
         .arg(&archive)
         .arg("."));
     archive
+}
+
+/// A store at `dir/root` with [`build_image`] loaded as `localhost/img:latest`.
+pub fn loaded(dir: &Path) -> PathBuf {
+    let archive = image_archive(dir, "img.tar");
+    let root = dir.join("root");
+    assert_eq!(
+        ok(st(&root).arg("load").arg("-i").arg(&archive)),
+        "Loaded image: localhost/img:latest\n"
+    );
+    root
+}
+
+/// Runs `cmd`, expecting failure with `needle` in stderr; returns stderr.
+pub fn fails(cmd: &mut Command, needle: &str) -> String {
+    let out = run(cmd);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains(needle),
+        "{cmd:?}: expected a failure mentioning {needle:?}, got {:?}:\n{err}",
+        out.status
+    );
+    err
+}
+
+/// Polls `f` until it is true (up to 10 s).
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
