@@ -1,232 +1,304 @@
-//! `strata demo`: the layer lifecycle on an embedded base layer, printed step by step.
+//! `strata demo`: the image and container lifecycle on a base image built from this machine,
+//! printed step by step.
 //!
-//! Needs no download and nothing installed: the base layer is built in memory from embedded
-//! files. It applies the layer, mounts it with kernel overlayfs, changes files in the merged
-//! view (write, delete, rename a lower directory, chmod a lower file), lists the changes, takes
-//! the native diff, applies that diff as a new layer and checks the new two-layer stack shows
-//! exactly the tree the container saw.
+//! Needs no download and nothing installed: the base image is made from the host's own
+//! `/bin/sh` and a few core utilities plus the shared libraries `ldd` names for them, written
+//! as an OCI image layout archive. Then, in a store of its own, the demo loads it, runs a
+//! container that writes and deletes files, lists the changes (`diff`), commits them as a new
+//! image (adopting the container's upper dir), runs that image, shows `ps -s` sizes, shows a
+//! volume outliving its container, and removes everything again.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
+use serde_json::json;
+use strata_overlay::Compression;
 use strata_overlay::archive::{Entry, Kind, Writer};
-use strata_overlay::compress::{Compression, Encoder};
-use strata_overlay::diff::{self, DiffOptions, LowerView};
-use strata_overlay::mount::{Overlay, unmount};
-use strata_overlay::{ApplyOptions, apply, probe};
+use strata_overlay::diff::DiffOptions;
 
-const FILES: &[(&str, &str, u32)] = &[
-    ("etc/os-release", "NAME=\"Strata demo\"\nID=strata\n", 0o644),
-    ("etc/motd", "Welcome to the base layer.\n", 0o644),
-    (
-        "usr/share/doc/README",
-        "Documentation that the container deletes.\n",
-        0o644,
-    ),
-    (
-        "usr/bin/greet",
-        "#!/bin/sh\necho hello from a lower layer\n",
-        0o755,
-    ),
-    ("var/lib/app/data-1", "one\n", 0o600),
-    ("var/lib/app/data-2", "two\n", 0o600),
+use crate::container::{self, RunOptions, commit::CommitOptions};
+use crate::image::{Images, load};
+
+/// The utilities copied into the base image (those found on this machine).
+const TOOLS: &[&str] = &[
+    "sh", "ls", "cat", "echo", "rm", "mkdir", "touch", "mv", "wc", "id", "hostname", "sleep",
+    "head", "test",
 ];
 
-/// Builds the embedded base layer as a tar+gzip blob.
-pub fn base_layer() -> Result<Vec<u8>> {
-    let mut w = Writer::new(Encoder::new(Vec::new(), Compression::Gzip, 0)?);
-    let mut dirs: Vec<String> = Vec::new();
-    for (path, _, _) in FILES {
-        let mut acc = String::new();
-        for comp in Path::new(path).parent().into_iter().flat_map(|p| p.iter()) {
-            acc = if acc.is_empty() {
-                comp.to_string_lossy().into()
-            } else {
-                format!("{acc}/{}", comp.to_string_lossy())
-            };
-            if !dirs.contains(&acc) {
-                dirs.push(acc.clone());
-            }
-        }
-    }
-    for d in &dirs {
-        let mut e = Entry::new(format!("{d}/"), Kind::Dir);
-        e.mode = 0o755;
-        e.mtime = 1_700_000_000;
-        w.append(&e, &mut std::io::empty())?;
-    }
-    for (path, content, mode) in FILES {
-        let mut e = Entry::new(*path, Kind::File);
-        e.mode = *mode;
-        e.size = content.len() as u64;
-        e.mtime = 1_700_000_000;
-        w.append(&e, &mut content.as_bytes())?;
-    }
-    Ok(w.finish()?.finish()?)
+fn find_tool(name: &str) -> Option<PathBuf> {
+    ["/bin", "/usr/bin", "/sbin", "/usr/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
 }
 
-/// Runs the demo, printing each step to `out`.
-pub fn run(keep: bool, out: &mut dyn Write) -> Result<()> {
-    let base_dir = std::env::temp_dir().join(format!("strata-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&base_dir)?;
-    let result = steps(&base_dir, out);
-    let merged = base_dir.join("merged");
-    let view = base_dir.join("view");
-    for m in [&merged, &view] {
-        let _ = unmount(m, true);
+/// The shared libraries (and loader) `bin` needs, as `ldd` lists them.
+fn libraries(bin: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .with_context(|| format!("running ldd on {}", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+fn copy_in(rootfs: &Path, host: &Path, inside: &Path) -> Result<()> {
+    let dst = rootfs.join(inside.strip_prefix("/").unwrap_or(inside));
+    if dst.exists() {
+        return Ok(());
     }
+    std::fs::create_dir_all(dst.parent().expect("has a parent"))?;
+    // Symlinks (sh -> dash, lib names) are resolved: the image holds the real files.
+    std::fs::copy(host, &dst).with_context(|| format!("copying {}", host.display()))?;
+    Ok(())
+}
+
+/// Builds the base rootfs from the host's tools under `rootfs`; returns the tools found.
+fn build_rootfs(rootfs: &Path) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for t in TOOLS {
+        let Some(host) = find_tool(t) else { continue };
+        copy_in(rootfs, &host, &Path::new("/bin").join(t))?;
+        for lib in libraries(&host)? {
+            copy_in(rootfs, &lib, &lib)?;
+        }
+        found.push(t.to_string());
+    }
+    ensure!(
+        found.iter().any(|t| t == "sh"),
+        "no /bin/sh on this machine to build the demo image from"
+    );
+    for d in ["etc", "tmp", "root", "data"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    std::fs::write(
+        rootfs.join("etc/motd"),
+        "Welcome to the Strata demo image.\n",
+    )?;
+    std::fs::write(rootfs.join("data/seed"), "seeded by the image\n")?;
+    Ok(found)
+}
+
+/// Writes `rootfs` as a one-layer OCI image layout archive at `out`, tagged `name`.
+fn write_archive(rootfs: &Path, out: &Path, name: &str, tmp: &Path) -> Result<()> {
+    let empty = tmp.join("empty");
+    std::fs::create_dir_all(&empty)?;
+    let opts = DiffOptions {
+        compression: Compression::Gzip,
+        threads: 0,
+        lowers: Vec::new(),
+    };
+    let (report, layer) = strata_overlay::diff::generic(&empty, rootfs, Vec::new(), &opts)?;
+    let config = serde_json::to_vec(&json!({
+        "created": crate::time::now(), "architecture": crate::image::host_arch(), "os": "linux",
+        "config": { "Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "Volumes": {} },
+        "rootfs": { "type": "layers", "diff_ids": [report.diff_id.to_string()] },
+        "history": [{ "created": crate::time::now(), "created_by": "strata demo: the host's /bin/sh and core utilities" }],
+    }))?;
+    let config_d = strata_overlay::Digest::of(&config);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_d.to_string(), "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": report.digest.to_string(), "size": layer.len() }],
+    }))?;
+    let manifest_d = strata_overlay::Digest::of(&manifest);
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "manifests": [{ "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_d.to_string(), "size": manifest.len(),
+                        "annotations": { "org.opencontainers.image.ref.name": name } }],
+    }))?;
+    let mut w = Writer::new(std::io::BufWriter::new(std::fs::File::create(out)?));
+    let mut put = |path: String, data: &[u8]| -> Result<()> {
+        let mut e = Entry::new(path, Kind::File);
+        e.mode = 0o644;
+        e.size = data.len() as u64;
+        w.append(&e, &mut &data[..])?;
+        Ok(())
+    };
+    put("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    put("index.json".into(), &index)?;
+    for (d, data) in [
+        (config_d, &config),
+        (manifest_d, &manifest),
+        (report.digest, &layer),
+    ] {
+        put(format!("blobs/sha256/{}", d.hex()), data)?;
+    }
+    w.finish()?.flush()?;
+    Ok(())
+}
+
+/// Runs the demo, printing each step to `out`. `keep` leaves the demo's store in place.
+pub fn run(keep: bool, out: &mut dyn Write) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the demo runs containers with kernel overlay mounts: run it as root (sudo)");
+    }
+    let base = std::env::temp_dir().join(format!("strata-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    let result = steps(&base, out);
     if keep {
-        writeln!(out, "kept {}", base_dir.display())?;
+        writeln!(out, "kept {}", base.display())?;
     } else {
-        let _ = std::fs::remove_dir_all(&base_dir);
+        let _ = std::fs::remove_dir_all(&base);
     }
     result
 }
 
-fn steps(dir: &Path, out: &mut dyn Write) -> Result<()> {
-    let features = probe::probe(dir);
+fn steps(base: &Path, out: &mut dyn Write) -> Result<()> {
+    let root = base.join("store");
+    let rootfs = base.join("rootfs");
+    let archive = base.join("base.tar");
+    let tools = build_rootfs(&rootfs)?;
+    write_archive(&rootfs, &archive, "demo/base:latest", base)?;
     writeln!(
         out,
-        "== 1. kernel overlay features on {} ({})",
-        dir.display(),
-        features.backing_fs
+        "== 1. built a base image from this machine: {} and their shared libraries ({} bytes, OCI archive)",
+        tools.join(" "),
+        std::fs::metadata(&archive)?.len()
     )?;
-    if !features.overlay {
-        bail!(
-            "kernel overlayfs cannot mount here: {} (run as root, or inside `unshare -Ur`)",
-            features.error.unwrap_or_default()
-        );
+    let mut images = Images::open(&root)?;
+    let loaded = load(&mut images, &archive)?;
+    let img = &loaded[0].0;
+    writeln!(
+        out,
+        "== 2. strata load -i base.tar: image {} ({} bytes unpacked)",
+        &img.config.hex()[..12],
+        img.size
+    )?;
+
+    let sh = |script: &str, name: Option<&str>, volumes: Vec<String>, image: &str| RunOptions {
+        image: image.into(),
+        cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        name: name.map(String::from),
+        volumes,
+        ..Default::default()
+    };
+    let run = |images: &mut Images, o: RunOptions| -> Result<(container::Container, i32)> {
+        let c = container::create(images, &root, &o)?;
+        let code = container::start(&c, true)?.unwrap_or(0);
+        Ok((c, code))
+    };
+    writeln!(
+        out,
+        "== 3. strata run --name demo demo/base sh -c '...': write, delete, change"
+    )?;
+    let (c, code) = run(
+        &mut images,
+        sh(
+            "echo hello from the container > /greeting; rm /etc/motd; echo more >> /data/seed; mkdir -p /srv/app; echo ok > /srv/app/state; echo '   (in the container) hostname' $(hostname)",
+            Some("demo"),
+            Vec::new(),
+            "demo/base:latest",
+        ),
+    )?;
+    ensure!(code == 0, "the container exited with {code}");
+    writeln!(out, "== 4. strata diff demo:")?;
+    let changes = container::commit::changes(&mut images, &c)?;
+    for ch in &changes {
+        writeln!(out, "   {ch}")?;
     }
-    let opts = features.options();
-    writeln!(
-        out,
-        "   metacopy={} redirect_dir={} userxattr={} index=off:{}",
-        opts.metacopy, opts.redirect_dir, opts.userxattr, opts.index_off
-    )?;
-
-    let blob = base_layer()?;
-    let base = dir.join("layers/base");
-    std::fs::create_dir_all(dir.join("layers"))?;
-    let mut aopts = if features.in_userns {
-        ApplyOptions::rootless()
-    } else {
-        ApplyOptions::default()
-    };
-    aopts.sync = false;
-    aopts.parents = Some(Vec::new());
-    let r = apply(&blob[..], &base, &aopts).context("applying the base layer")?;
-    writeln!(
-        out,
-        "== 2. applied the embedded base layer ({} bytes, {}): {} entries",
-        r.size, r.compression, r.entries
-    )?;
-    writeln!(out, "   diffID {}\n   digest {}", r.diff_id, r.digest)?;
-
-    let (upper, work, merged) = (dir.join("upper"), dir.join("work"), dir.join("merged"));
-    for d in [&upper, &work, &merged] {
-        std::fs::create_dir_all(d)?;
-    }
-    let ov = Overlay {
-        lowers: vec![base.clone()],
-        upper: Some(upper.clone()),
-        work: Some(work),
-        options: opts,
-    };
-    ov.mount(&merged)
-        .context("mounting the container's overlay")?;
-    writeln!(
-        out,
-        "== 3. mounted overlay: {}",
-        ov.to_mount().options.join(",")
-    )?;
-
-    std::fs::write(merged.join("etc/motd"), "Changed by the container.\n")?;
-    std::fs::remove_file(merged.join("usr/share/doc/README"))?;
-    std::fs::write(merged.join("etc/new-file"), "added\n")?;
-    std::fs::rename(
-        merged.join("var/lib/app"),
-        merged.join("var/lib/app-renamed"),
-    )
-    .context("renaming a lower directory")?;
-    std::fs::set_permissions(
-        merged.join("usr/bin/greet"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )?;
-    writeln!(
-        out,
-        "== 4. in the container: rewrote etc/motd, deleted usr/share/doc/README, added etc/new-file,"
-    )?;
-    writeln!(
-        out,
-        "      renamed var/lib/app (a lower dir) and chmod 700 usr/bin/greet (a lower file)"
-    )?;
-
-    let seen = diff::changes_generic(&base, &merged)?;
-    unmount(&merged, false)?;
-    writeln!(out, "== 5. changes (strata layer changes):")?;
-    for c in diff::changes_native(&upper, &LowerView::new(vec![base.clone()]))? {
-        writeln!(out, "   {c}")?;
-    }
-
-    let dopts = DiffOptions {
-        compression: Compression::Zstd,
-        threads: 0,
-        lowers: vec![base.clone()],
-    };
-    let (d, blob2) = diff::native(&upper, Vec::new(), &dopts)?;
-    writeln!(
-        out,
-        "== 6. native diff of the upper: {} entries, {} bytes zstd",
-        d.entries, d.size
-    )?;
-    writeln!(out, "   diffID {}\n   digest {}", d.diff_id, d.digest)?;
-
-    let layer2 = dir.join("layers/l2");
-    let r2 = apply(
-        &blob2[..],
-        &layer2,
-        &ApplyOptions {
-            expected_digest: Some(d.digest),
-            expected_diff_id: Some(d.diff_id),
-            parents: Some(vec![base.clone()]),
-            ..aopts
-        },
-    )?;
-    let view = dir.join("view");
-    std::fs::create_dir_all(&view)?;
-    let ro = Overlay {
-        lowers: vec![layer2, base.clone()],
-        upper: None,
-        work: None,
-        options: strata_overlay::mount::Options {
-            readonly: true,
-            ..opts
-        },
-    };
-    ro.mount(&view)?;
-    let now = diff::changes_generic(&base, &view);
-    let greet = std::fs::read_to_string(view.join("usr/bin/greet"));
-    unmount(&view, false)?;
-    let now = now?;
-    writeln!(
-        out,
-        "== 7. applied the diff as a new layer ({} entries, digests verified) and mounted base+new read-only",
-        r2.entries
-    )?;
     ensure!(
-        now == seen,
-        "the new layer stack differs from the container's view:\n{now:?}\nvs\n{seen:?}"
+        changes.iter().any(|c| c.to_string() == "A /greeting")
+            && changes.iter().any(|c| c.to_string() == "D /etc/motd"),
+        "diff misses the container's changes"
     );
+    let rw = container::commit::rw_size(&mut images, &c)?;
+    writeln!(
+        out,
+        "== 5. strata ps -a -s: demo  SIZE {rw}B (virtual {}B)",
+        rw + img.size
+    )?;
+    let done = container::commit::commit(
+        &mut images,
+        &c,
+        &CommitOptions {
+            reference: Some("demo/committed:v1".parse()?),
+            message: Some("the demo's changes".into()),
+            changes: vec!["CMD [\"cat\", \"/greeting\", \"/srv/app/state\"]".into()],
+            ..Default::default()
+        },
+    )?;
+    writeln!(
+        out,
+        "== 6. strata commit demo demo/committed:v1: image {} with layer {} ({} bytes gzip); snapshot {:?} (not unpacked again)",
+        &done.image.config.hex()[..12],
+        done.diff_id,
+        done.blob_size,
+        done.adoption
+    )?;
     ensure!(
-        greet?.contains("hello from a lower layer"),
-        "metacopy data lost"
+        container::commit::changes(&mut images, &c)? == changes,
+        "the container changed through commit"
     );
     writeln!(
         out,
-        "   the stack shows exactly the container's tree ({} changed paths, same as in the container)",
-        now.len()
+        "== 7. strata run --rm demo/committed:v1 (its CMD cats the committed files):"
     )?;
-    writeln!(out, "== done")?;
+    let (c2, code) = run(
+        &mut images,
+        RunOptions {
+            image: "demo/committed:v1".into(),
+            ..Default::default()
+        },
+    )?;
+    ensure!(
+        code == 0,
+        "the committed image's container exited with {code}"
+    );
+    container::remove(&mut images, &root, &c2, false, true)?;
+    writeln!(out, "== 8. volumes: a named volume outlives its container")?;
+    let (v1, code) = run(
+        &mut images,
+        sh(
+            "echo '   (first) the empty volume was filled from the image:' $(head -1 /data/seed); echo kept > /data/note",
+            None,
+            vec!["demo-data:/data".into()],
+            "demo/base:latest",
+        ),
+    )?;
+    ensure!(code == 0, "the volume writer exited with {code}");
+    container::remove(&mut images, &root, &v1, false, true)?;
+    let (v2, code) = run(
+        &mut images,
+        sh(
+            "echo '   (second) reads:' $(cat /data/note)",
+            None,
+            vec!["demo-data:/data".into()],
+            "demo/base:latest",
+        ),
+    )?;
+    ensure!(code == 0, "the volume reader exited with {code}");
+    container::remove(&mut images, &root, &v2, false, true)?;
+    writeln!(
+        out,
+        "== 9. cleanup: rm demo, rmi both images, volume rm demo-data"
+    )?;
+    container::remove(&mut images, &root, &c, false, true)?;
+    crate::volume::remove(&root, "demo-data", false)?;
+    for name in ["demo/committed:v1", "demo/base:latest"] {
+        let img = images.store.resolve(name)?;
+        images.delete(&img)?;
+    }
+    drop(images);
+    let left = std::fs::read_dir(root.join("snapshotter/snapshots"))?.count();
+    ensure!(left == 0, "{left} snapshots left after cleanup");
+    writeln!(out, "== done: the store is empty again")?;
     Ok(())
 }

@@ -58,8 +58,16 @@ pub use strata_runtime::time::ago;
 
 pub fn cmd_load(root: &Path, input: &Path, quiet: bool) -> Result<()> {
     let mut images = open(root)?;
-    let loaded =
-        load(&mut images, input).with_context(|| format!("loading {}", input.display()))?;
+    let spinner = if quiet {
+        None
+    } else {
+        progress("loading", None)
+    };
+    let loaded = load(&mut images, input).with_context(|| format!("loading {}", input.display()));
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let loaded = loaded?;
     if !quiet {
         for (img, refs) in &loaded {
             if refs.is_empty() {
@@ -85,7 +93,12 @@ pub fn cmd_save(root: &Path, output: &Path, names: &[String]) -> Result<()> {
             .or_else(|| img.tags.first().cloned());
         sel.push((img, r));
     }
-    save(&images, &sel, output).with_context(|| format!("saving to {}", output.display()))
+    let spinner = progress("saving", None);
+    let r = save(&images, &sel, output).with_context(|| format!("saving to {}", output.display()));
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    r
 }
 
 pub fn cmd_images(root: &Path, a: &ImagesArgs) -> Result<()> {

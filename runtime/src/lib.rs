@@ -14,6 +14,7 @@ pub mod container;
 pub mod demo;
 mod error;
 pub mod image;
+pub mod layer_demo;
 pub mod time;
 pub mod volume;
 

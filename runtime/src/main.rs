@@ -177,6 +177,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Layer(LayerCommand::Apply(a)) => layer_apply(a),
         Command::Layer(LayerCommand::Diff(a)) => layer_diff(a),
         Command::Layer(LayerCommand::Changes(a)) => layer_changes(a),
+        Command::Layer(LayerCommand::Demo { keep }) => {
+            strata_runtime::layer_demo::run(keep, &mut std::io::stdout())
+        }
         Command::Mount(a) => mount(a),
         Command::Umount { merged, lazy } => {
             unmount(&merged, lazy).with_context(|| format!("unmounting {}", merged.display()))

@@ -262,7 +262,7 @@ pub enum Command {
     /// containerd's snapshotter, served as a proxy plugin.
     #[command(subcommand)]
     Snapshotter(SnapshotterCommand),
-    /// Walk through a layer's lifecycle on an embedded base layer.
+    /// Walk through the image and container lifecycle on a base image built from this machine.
     Demo {
         /// Keep the demo's directory instead of removing it.
         #[arg(long)]
@@ -361,6 +361,12 @@ pub enum LayerCommand {
     Diff(DiffArgs),
     /// List changes like `docker diff` (A added, C changed, D deleted).
     Changes(ChangesArgs),
+    /// Walk through a layer's lifecycle (apply, mount, change, diff, apply again).
+    Demo {
+        /// Keep the demo's directory instead of removing it.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 /// `strata layer apply`

@@ -321,7 +321,25 @@ fn info_reports_the_kernel_features() {
 #[test]
 fn demo_runs_to_the_end() {
     require_root();
+    // The main job: the image and container lifecycle on an image built from this machine.
     let out = ok(strata().arg("demo"));
+    for step in [
+        "== 1. built a base image from this machine",
+        "A /greeting",
+        "D /etc/motd",
+        "snapshot Moved",
+        "hello from the container",
+        "filled from the image: seeded by the image",
+        "(second) reads: kept",
+    ] {
+        assert!(out.contains(step), "missing {step:?} in:\n{out}");
+    }
+    assert!(
+        out.trim_end().ends_with("the store is empty again"),
+        "{out}"
+    );
+    // The layer walk.
+    let out = ok(strata().args(["layer", "demo"]));
     assert!(
         out.contains("the stack shows exactly the container's tree")
             && out.trim_end().ends_with("== done"),
