@@ -50,6 +50,87 @@ impl Features {
     }
 }
 
+impl Features {
+    /// One `key=value` line per field (the form [`probe_cached`] keeps).
+    pub fn to_text(&self) -> String {
+        let b = |v: bool| if v { "1" } else { "0" };
+        format!(
+            "kernel={}\nbacking_fs={}\nd_type={}\nin_userns={}\noverlay={}\nlowerdir_append={}\nuserxattr={}\nmetacopy={}\nredirect_dir={}\nindex={}\nvolatile={}\nerror={}\n",
+            self.kernel,
+            self.backing_fs,
+            b(self.d_type),
+            b(self.in_userns),
+            b(self.overlay),
+            b(self.lowerdir_append),
+            b(self.userxattr),
+            b(self.metacopy),
+            b(self.redirect_dir),
+            b(self.index),
+            b(self.volatile),
+            self.error.as_deref().unwrap_or("").replace('\n', " "),
+        )
+    }
+
+    /// Parses [`Features::to_text`]; `None` if a field is missing.
+    pub fn from_text(text: &str) -> Option<Features> {
+        let map: std::collections::HashMap<&str, &str> =
+            text.lines().filter_map(|l| l.split_once('=')).collect();
+        let b = |k: &str| map.get(k).map(|v| *v == "1");
+        Some(Features {
+            kernel: map.get("kernel")?.to_string(),
+            backing_fs: map.get("backing_fs")?.to_string(),
+            d_type: b("d_type")?,
+            in_userns: b("in_userns")?,
+            overlay: b("overlay")?,
+            lowerdir_append: b("lowerdir_append")?,
+            userxattr: b("userxattr")?,
+            metacopy: b("metacopy")?,
+            redirect_dir: b("redirect_dir")?,
+            index: b("index")?,
+            volatile: b("volatile")?,
+            error: map
+                .get("error")
+                .filter(|e| !e.is_empty())
+                .map(|e| e.to_string()),
+        })
+    }
+}
+
+/// [`probe`], remembered in `cache` for as long as nothing it depends on can have changed: the
+/// same boot (so the same kernel and modules) and the same user-namespace mapping. Trial mounts
+/// take milliseconds, which every short-lived CLI command would otherwise pay.
+pub fn probe_cached(dir: &Path, cache: &Path) -> Features {
+    let key = format!(
+        "boot={} uid_map={}",
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .trim(),
+        std::fs::read_to_string("/proc/self/uid_map")
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if let Ok(text) = std::fs::read_to_string(cache) {
+        if let Some((k, rest)) = text.split_once('\n') {
+            if k == key {
+                if let Some(f) = Features::from_text(rest) {
+                    return f;
+                }
+            }
+        }
+    }
+    let f = probe(dir);
+    let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+    if std::fs::write(&tmp, format!("{key}\n{}", f.to_text()))
+        .and_then(|()| std::fs::rename(&tmp, cache))
+        .is_err()
+    {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    f
+}
+
 /// The name of a filesystem magic number.
 pub fn fs_name(magic: i64) -> String {
     match magic {
@@ -254,5 +335,26 @@ impl fmt::Display for Features {
             }
         )?;
         write!(f, " volatile: {}", yn(self.volatile))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_round_trip_as_text() {
+        let f = Features {
+            kernel: "6.18".into(),
+            backing_fs: "ext4".into(),
+            d_type: true,
+            metacopy: true,
+            error: Some("x\ny".into()),
+            ..Default::default()
+        };
+        let g = Features::from_text(&f.to_text()).unwrap();
+        assert_eq!(g.to_text(), f.to_text());
+        assert_eq!(g.error.as_deref(), Some("x y"));
+        assert!(Features::from_text("kernel=1\n").is_none());
     }
 }

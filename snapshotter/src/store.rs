@@ -3,6 +3,7 @@
 //! Layout below the root (containerd's overlay snapshotter's):
 //! ```text
 //! ROOT/metadata.db            SQLite (WAL): snapshots, labels
+//! ROOT/features               kernel overlay features probed at this boot (a cache)
 //! ROOT/snapshots/<id>/fs      the layer (upper dir while active)
 //! ROOT/snapshots/<id>/work    overlay's work dir (active snapshots)
 //! ROOT/snapshots/new-*        a snapshot being created (temp; renamed to <id> in its transaction)
@@ -200,7 +201,7 @@ impl Snapshotter {
             Mode::Overlay | Mode::Auto => {
                 std::fs::create_dir_all(root.join("snapshots"))
                     .map_err(|e| Error::io("create", root.join("snapshots"), e))?;
-                let f = strata_overlay::probe::probe(root);
+                let f = strata_overlay::probe::probe_cached(root, &root.join("features"));
                 if !f.overlay {
                     let why = f.error.clone().unwrap_or_default();
                     return Err(Error::Unsupported(format!(
