@@ -267,8 +267,29 @@ fn rmi_one(root: &Path, images: &mut Images, n: &str, force: bool) -> Result<()>
         );
     }
     if last_name {
-        // Nothing is untagged if the image then can't go.
-        images.check_delete(&img)?;
+        match images.check_delete(&img) {
+            Ok(()) => {}
+            // Forced, as Docker: the names go, the image stays (dangling) for its containers.
+            Err(strata_runtime::Error::Conflict(_)) if force => {
+                let tags: Vec<Reference> =
+                    match n.parse::<Reference>().ok().filter(|r| img.tags.contains(r)) {
+                        Some(r) => vec![r],
+                        None => images
+                            .store
+                            .same_id(&img)?
+                            .iter()
+                            .flat_map(|i| i.tags.clone())
+                            .collect(),
+                    };
+                for r in tags {
+                    images.store.untag(&r)?;
+                    println!("Untagged: {}", r.familiar());
+                }
+                return Ok(());
+            }
+            // Nothing is untagged if the image then can't go.
+            Err(e) => return Err(e.into()),
+        }
     }
     if let Some(r) = n.parse::<Reference>().ok().filter(|r| img.tags.contains(r)) {
         // By tag: untag; the image goes once no tag is left.

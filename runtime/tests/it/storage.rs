@@ -299,8 +299,16 @@ fn commit_adopts_the_upper_and_keeps_the_container_whole() {
         ok(st(&root).arg("images")).contains("local/committed"),
         "the tag stays"
     );
+    // Forced, the name goes and the image stays, dangling, for the container.
+    assert_eq!(
+        ok(st(&root).args(["rmi", "-f", "local/committed:1"])),
+        "Untagged: local/committed:1\n"
+    );
+    let dangling = ok(st(&root).args(["images", "-q", "--filter", "dangling=true"]));
+    assert_eq!(dangling.lines().count(), 1, "{dangling}");
     ok(st(&root).args(["rm", "c"]));
-    ok(st(&root).args(["rmi", "local/committed:1", IMG]));
+    ok(st(&root).args(["image", "prune"]));
+    ok(st(&root).args(["rmi", IMG]));
     assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0);
 }
 
