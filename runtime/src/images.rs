@@ -16,6 +16,7 @@ pub fn root(given: Option<PathBuf>) -> PathBuf {
         return PathBuf::from("/var/lib/strata");
     }
     let data = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))

@@ -15,6 +15,7 @@ pub mod demo;
 mod error;
 pub mod image;
 pub mod layer_demo;
+pub mod rootless;
 pub mod time;
 pub mod volume;
 

@@ -78,8 +78,31 @@ fn hidden_stage(stage: &str, dir: &Path) -> i32 {
     }
 }
 
+/// Commands that mount or change the store: rootless, they run in a user namespace of their
+/// own (see strata_runtime::rootless). The others stay in the caller's, from which `exec` and
+/// `cp` can join a rootless container's.
+fn wants_user_namespace(c: &Command) -> bool {
+    !matches!(
+        c,
+        Command::Exec { .. }
+            | Command::Cp { .. }
+            | Command::Export { .. }
+            | Command::Logs { .. }
+            | Command::Wait { .. }
+            | Command::Kill { .. }
+            | Command::Stop { .. }
+            | Command::Layer(_)
+            | Command::Mount(_)
+            | Command::Umount { .. }
+            | Command::Snapshotter(_)
+    )
+}
+
 fn run(cli: Cli) -> Result<()> {
     let root = images::root(cli.root.clone());
+    if wants_user_namespace(&cli.command) && strata_runtime::rootless::needed() {
+        strata_runtime::rootless::enter().context("running rootless")?;
+    }
     match cli.command {
         Command::Run(a) => containers::run(&root, a),
         Command::Create(a) => containers::create(&root, a),

@@ -514,9 +514,12 @@ fn default_name(id: &str) -> String {
 /// Docker's init layer: the mount points a container needs (`/proc`, `/sys`, `/dev`,
 /// `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`) are made in a layer of their own between
 /// the image and the container's writable layer, so they never show in `diff`, `commit` or
-/// `ps -s`. They are made through a mounted view, so directories copied up keep the image's
-/// metadata. The layer depends only on the layer below, so one per top layer
-/// (`init-<chain>`) serves every container on it; it is made on first use.
+/// `ps -s`. The layer depends only on the layer below, so one per top layer (`init-<chain>`)
+/// serves every container on it; it is made on first use.
+///
+/// It is written straight into the new snapshot's directory, without a mount (so rootless
+/// works the same): only what the image lacks is created, and an `/etc` made to hold the files
+/// takes the owner, mode and times of the image's, as a copy-up would.
 pub(crate) fn init_layer(
     snap: &strata_snapshotter::Snapshotter,
     c: &Container,
@@ -527,28 +530,10 @@ pub(crate) fn init_layer(
         return Ok(name);
     }
     let key = format!("{}-init-active", c.snapshot_key());
-    let mounts = snap.prepare(&key, image_top, Default::default())?;
-    let at = c.dir.join("init");
+    snap.prepare(&key, image_top, Default::default())?;
     let made = (|| -> Result<()> {
-        std::fs::create_dir_all(&at).map_err(|e| Error::io("create", &at, e))?;
-        mounts[0].mount(&at)?;
-        let populate = (|| -> std::io::Result<()> {
-            for d in ["proc", "sys", "dev"] {
-                if std::fs::symlink_metadata(at.join(d)).is_err() {
-                    std::fs::create_dir(at.join(d))?;
-                }
-            }
-            if at.join("etc").is_dir() && !at.join("etc").is_symlink() {
-                for f in ["hostname", "hosts", "resolv.conf"] {
-                    if std::fs::symlink_metadata(at.join("etc").join(f)).is_err() {
-                        std::fs::write(at.join("etc").join(f), b"")?;
-                    }
-                }
-            }
-            Ok(())
-        })();
-        strata_overlay::mount::unmount(&at, false)?;
-        populate.map_err(|e| Error::io("create mount points", &at, e))?;
+        let (upper, lowers) = snap.layer_dirs(&key)?;
+        populate_init(&upper, &strata_overlay::diff::LowerView::new(lowers))?;
         match snap.commit(&name, &key, Default::default(), None) {
             // Another run made it meanwhile: use theirs.
             Err(strata_snapshotter::Error::AlreadyExists(_)) => {
@@ -558,12 +543,71 @@ pub(crate) fn init_layer(
             r => r.map_err(Error::from),
         }
     })();
-    let _ = std::fs::remove_dir(&at);
     if let Err(e) = made {
         let _ = snap.remove(&key);
         return Err(e);
     }
     Ok(name)
+}
+
+fn populate_init(upper: &Path, lowers: &strata_overlay::diff::LowerView) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| Error::io("create mount point", p, e)
+    };
+    let kind = |st: &libc::stat| st.st_mode & libc::S_IFMT;
+    for d in ["proc", "sys", "dev"] {
+        if lowers.lookup(d.as_bytes())?.is_none() {
+            let p = upper.join(d);
+            std::fs::create_dir(&p).map_err(io(&p))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).map_err(io(&p))?;
+        }
+    }
+    let Some(etc) = lowers.lookup(b"etc")? else {
+        return Ok(());
+    };
+    if kind(&etc.st) != libc::S_IFDIR {
+        return Ok(());
+    }
+    let missing: Vec<&str> = ["hostname", "hosts", "resolv.conf"]
+        .into_iter()
+        .filter(|f| {
+            lowers
+                .lookup(format!("etc/{f}").as_bytes())
+                .map_or(true, |x| x.is_none())
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let dir = upper.join("etc");
+    std::fs::create_dir(&dir).map_err(io(&dir))?;
+    for f in missing {
+        let p = dir.join(f);
+        std::fs::write(&p, b"").map_err(io(&p))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map_err(io(&p))?;
+    }
+    // The image's /etc metadata, as a copy-up would keep it (an owner that cannot be mapped
+    // here, rootless, stays the caller's).
+    let _ = std::os::unix::fs::lchown(&dir, Some(etc.st.st_uid), Some(etc.st.st_gid));
+    std::fs::set_permissions(
+        &dir,
+        std::fs::Permissions::from_mode(etc.st.st_mode & 0o7777),
+    )
+    .map_err(io(&dir))?;
+    let t = |s: i64, ns: i64| {
+        std::time::UNIX_EPOCH
+            + std::time::Duration::new(s.max(0) as u64, ns.clamp(0, 999_999_999) as u32)
+    };
+    let f = std::fs::File::open(&dir).map_err(io(&dir))?;
+    f.set_times(
+        std::fs::FileTimes::new()
+            .set_accessed(t(etc.st.st_atime, etc.st.st_atime_nsec))
+            .set_modified(t(etc.st.st_mtime, etc.st.st_mtime_nsec)),
+    )
+    .map_err(io(&dir))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -100,6 +100,8 @@ pub fn exec_main(dir: &Path) -> Result<i32> {
     let pid = c
         .pid()?
         .ok_or_else(|| Error::Conflict(format!("container {} is not running", c.name())))?;
+    // A rootless container's namespaces belong to its user namespace: join that first.
+    crate::rootless::join_user_ns_of(pid)?;
     // Opened before joining any: /proc is the host's until the mount namespace changes.
     let mut kinds = vec![
         ("ipc", CloneFlags::CLONE_NEWIPC),

@@ -256,14 +256,29 @@ fn child_setup(dir: &Path) -> Result<Command> {
         .map_err(nix_err("mount /proc", &proc_dir))?;
     let sys_dir = rootfs.join("sys");
     mkdir(&sys_dir)?;
-    mount(
+    match mount(
         Some("sysfs"),
         &sys_dir,
         Some("sysfs"),
         nodev | MsFlags::MS_RDONLY,
         None::<&str>,
-    )
-    .map_err(nix_err("mount /sys", &sys_dir))?;
+    ) {
+        // Rootless with the host's network: sysfs needs a network namespace of our own, so
+        // the host's /sys is bound instead (read-only), as rootless runc does.
+        Err(nix::errno::Errno::EPERM) => {
+            mount(
+                Some("/sys"),
+                &sys_dir,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(nix_err("bind /sys", &sys_dir))?;
+            let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | nodev;
+            let _ = mount(None::<&str>, &sys_dir, None::<&str>, flags, None::<&str>);
+        }
+        r => r.map_err(nix_err("mount /sys", &sys_dir))?,
+    }
     let dev = rootfs.join("dev");
     mkdir(&dev)?;
     mount(
@@ -374,7 +389,14 @@ fn child_setup(dir: &Path) -> Result<Command> {
         }
     }
     if (uid, gid) != (0, 0) {
-        nix::unistd::setgroups(&[]).map_err(nix_err("setgroups", Path::new("/")))?;
+        match nix::unistd::setgroups(&[]) {
+            Err(nix::errno::Errno::EPERM) if strata_overlay::probe::in_user_namespace() => {
+                return Err(Error::Invalid(format!(
+                    "user {uid}:{gid} does not exist in this rootless container: only root (the caller's own id) is mapped"
+                )));
+            }
+            r => r.map_err(nix_err("setgroups", Path::new("/")))?,
+        }
         cmd.uid(uid).gid(gid);
     }
     Ok(cmd)

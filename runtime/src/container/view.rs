@@ -139,11 +139,15 @@ pub fn view_main(dir: &Path) -> Result<()> {
     let rootfs = dir.join("rootfs");
     let monitor = c.state()?["NsPid"].as_i64().unwrap_or(0);
     if c.status()? == Status::Running && monitor > 0 {
+        crate::rootless::join_user_ns_of(monitor)?;
         let p = format!("/proc/{monitor}/ns/mnt");
         let f = File::open(&p).map_err(|e| Error::io("open namespace", &p, e))?;
         setns(f.as_fd(), CloneFlags::CLONE_NEWNS)
             .map_err(|e| Error::io("join namespace", &p, e.into()))?;
     } else {
+        if crate::rootless::needed() {
+            crate::rootless::enter()?;
+        }
         unshare(CloneFlags::CLONE_NEWNS)
             .map_err(|e| Error::io("unshare the mount namespace", dir, e.into()))?;
         mount(

@@ -45,7 +45,7 @@ pub fn import(
         crate::container::commit::apply_change(&mut inner, ch)?;
     }
     let key = format!("import-{}-{}", std::process::id(), crate::time::now_secs());
-    let rootless = !nix::unistd::geteuid().is_root();
+    let rootless = crate::rootless::rootless_layers();
     images
         .snapshotter()?
         .prepare(&key, "", Default::default())?;

@@ -98,7 +98,7 @@ impl Images {
                 diff_ids.len()
             )));
         }
-        let rootless = !nix::unistd::geteuid().is_root();
+        let rootless = crate::rootless::rootless_layers();
         let mut created = Vec::new();
         let mut size = 0;
         let mut parent: Option<Digest> = None;
