@@ -1,12 +1,17 @@
 //! # strata-runtime: the daemonless runtime and the `strata` CLI
 //!
-//! This crate owns the `strata` command line. Today it drives the layer format (apply, diff,
-//! change lists), kernel overlay mounts and feature probing, plus the `demo` walk through a
-//! layer's lifecycle; the image store, containers and volumes come with the runtime issue.
+//! This crate owns the `strata` command line and everything it runs on top of the snapshotter:
+//! the image store (content-addressed blobs, tags, load/save/import), containers (records,
+//! a monitor process per container, namespaces, exec, logs, terminals), commit/export/cp,
+//! volumes, rootless operation through a user namespace, and the demos.
 //!
 //! # Layout
 //! - `cli/`: clap definitions, turned into validated options before anything is touched.
-//! - [`demo`]: the main job on an embedded default image.
+//! - [`image`]: the image store, archives, import, unpacking by chain ID.
+//! - [`container`]: create/start/stop/exec/commit/view and the processes of a container.
+//! - [`volume`], [`rootless`], [`time`].
+//! - [`demo`] (the main job on a base image built from the host), [`layer_demo`].
+//! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
 //! - `main.rs`: dispatch, errors with context (anyhow).
 #![deny(unsafe_code)]
 
