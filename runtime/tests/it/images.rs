@@ -70,8 +70,14 @@ fn load_list_tag_save_and_remove_images() {
         list.contains("localhost/test") && list.contains("localhost/dock"),
         "{list}"
     );
-    // Layers are unpacked once, shared by both images (same chain IDs).
-    assert_eq!(count(&root.join("snapshotter/snapshots")), 2);
+    // Both run: the image skopeo wrote as a docker archive too.
+    assert_eq!(
+        ok(st(&root).args(["run", "--rm", "localhost/dock:v2", "cat", "/etc/upper-file"])),
+        "from the upper layer\n"
+    );
+    // Layers are unpacked once, shared by both images (same chain IDs); the container's
+    // init layer is the third snapshot.
+    assert_eq!(count(&root.join("snapshotter/snapshots")), 3);
     let ids = ok(st(&root).args(["images", "-q"]));
     assert_eq!(ids.lines().count(), 1, "one image ID for both: {ids}");
     let json = ok(st(&root).args(["images", "--format", "json"]));

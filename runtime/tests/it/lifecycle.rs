@@ -244,3 +244,79 @@ fn state_survives_a_killed_monitor() {
     assert_eq!(status(&root, "c"), "exited");
     ok(st(&root).args(["rm", "c"]));
 }
+
+#[test]
+fn logs_follow_and_image_volumes() {
+    require_root();
+    let t = scratch();
+    let root = loaded(t.path());
+    // logs -f prints as the container writes and returns when it exits.
+    ok(st(&root).args([
+        "run",
+        "-d",
+        "--name",
+        "talker",
+        IMG,
+        "/bin/sh",
+        "-c",
+        "for i in 1 2 3; do echo line $i; sleep 0.2; done",
+    ]));
+    let t0 = Instant::now();
+    let out = ok(st(&root).args(["logs", "-f", "talker"]));
+    assert_eq!(out, "line 1\nline 2\nline 3\n");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "followed until the end"
+    );
+    assert_eq!(
+        ok(st(&root).args(["logs", "--tail", "1", "talker"])),
+        "line 3\n"
+    );
+    ok(st(&root).args(["rm", "talker"]));
+    // An image's declared Volumes become anonymous volumes, pre-filled from the image.
+    let layout = t.path().join("layout");
+    let image = format!("{}:latest", layout.display());
+    ok(std::process::Command::new("umoci").args([
+        "config",
+        "--image",
+        &image,
+        "--config.volume",
+        "/etc",
+    ]));
+    let archive = t.path().join("vol.tar");
+    ok(std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .arg("."));
+    let root2 = t.path().join("root2");
+    ok(st(&root2).arg("load").arg("-i").arg(&archive));
+    ok(st(&root2).args([
+        "run",
+        "--name",
+        "v",
+        "localhost/vol:latest",
+        "/bin/sh",
+        "-c",
+        "cat /etc/from-lower; grep -c ' /etc ' /proc/mounts",
+    ]));
+    assert_eq!(
+        ok(st(&root2).args(["logs", "v"])),
+        "from the lower layer\n1\n"
+    );
+    let mounts = serde_json::from_str::<serde_json::Value>(&ok(st(&root2).args(["inspect", "v"])))
+        .unwrap()[0]["Mounts"]
+        .clone();
+    assert_eq!(mounts[0]["Destination"], "/etc");
+    assert_eq!(
+        ok(st(&root2).args(["volume", "ls", "-q"])).lines().count(),
+        1
+    );
+    ok(st(&root2).args(["rm", "-v", "v"]));
+    assert_eq!(
+        ok(st(&root2).args(["volume", "ls", "-q"])),
+        "",
+        "rm -v took the anonymous volume"
+    );
+}
