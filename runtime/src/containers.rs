@@ -100,7 +100,12 @@ pub fn start(root: &Path, names: &[String], attach: bool) -> Result<()> {
         let code = container::start(&c, true)?.unwrap_or(0);
         std::process::exit(code);
     }
-    each(root, names, |c| Ok(container::start(c, false).map(drop)?))
+    let mut images = open(root)?;
+    each(root, names, |c| {
+        // A commit that stopped between handing the upper over and rebasing is finished here.
+        container::commit::settle(&mut images, c)?;
+        Ok(container::start(c, false).map(drop)?)
+    })
 }
 
 pub fn stop(root: &Path, names: &[String], secs: u64) -> Result<()> {

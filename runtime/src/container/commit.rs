@@ -211,7 +211,7 @@ pub fn commit(images: &mut Images, c: &Container, o: &CommitOptions) -> Result<C
         threads: 0,
         lowers: lowers.clone(),
     };
-    let (blob, blob_size, report) = images.store.put_with(|w: &mut dyn Write| {
+    let (blob, blob_size, blob_new, report) = images.store.put_with(|w: &mut dyn Write| {
         let (report, _) = strata_overlay::diff::native(&upper, w, &opts)?;
         Ok(report)
     })?;
@@ -238,7 +238,7 @@ pub fn commit(images: &mut Images, c: &Container, o: &CommitOptions) -> Result<C
     config["history"] = json!(history);
     config["rootfs"] = json!({ "type": "layers", "diff_ids": diff_ids });
     let config_bytes = serde_json::to_vec(&config).expect("JSON serializes");
-    let (config_digest, _) = images.store.put_bytes(&config_bytes)?;
+    let (config_digest, config_new) = images.store.put_bytes(&config_bytes)?;
     manifest["mediaType"] = json!("application/vnd.oci.image.manifest.v1+json");
     manifest["config"] = json!({
         "mediaType": "application/vnd.oci.image.config.v1+json",
@@ -248,7 +248,7 @@ pub fn commit(images: &mut Images, c: &Container, o: &CommitOptions) -> Result<C
     if let Some(a) = manifest.get_mut("annotations") {
         *a = json!({});
     }
-    let (manifest_digest, _) = images
+    let (manifest_digest, manifest_new) = images
         .store
         .put_bytes(&serde_json::to_vec(&manifest).expect("JSON serializes"))?;
     let image = Image {
@@ -258,20 +258,50 @@ pub fn commit(images: &mut Images, c: &Container, o: &CommitOptions) -> Result<C
         size,
         tags: o.reference.iter().cloned().collect(),
     };
-    // The image is recorded before its snapshot is made: should this stop half-way, the image
-    // is whole (its layer unpacks from the blob like any other) and nothing is lost.
-    images
+    // What this commit added goes again if it fails before the container's upper is handed
+    // over, so a failed commit leaves the store as it was.
+    let new_blobs: Vec<Digest> = [
+        (blob, blob_new),
+        (config_digest, config_new),
+        (manifest_digest, manifest_new),
+    ]
+    .into_iter()
+    .filter_map(|(d, new)| new.then_some(d))
+    .collect();
+    // The image the new name pointed at before, if any: it gets the name back on undo.
+    let before: Option<(Reference, Option<Image>)> = o
+        .reference
+        .as_ref()
+        .map(|r| (r.clone(), images.store.resolve(&r.to_string()).ok()));
+    let undo = |images: &mut Images| {
+        if let Some((r, prev)) = &before {
+            let _ = match prev {
+                Some(p) => images.store.tag(p, r).map(drop),
+                None => images.store.untag(r).map(drop),
+            };
+        }
+        let _ = images.store.delete(&image);
+        for d in &new_blobs {
+            images.store.remove_blob(d);
+        }
+    };
+    // The image is recorded before its snapshot is made: once the upper is handed over, the
+    // image (whose layer also unpacks from the blob) holds the container's changes.
+    if let Err(e) = images
         .store
-        .record(&[(image.clone(), o.reference.iter().cloned().collect())])?;
-
+        .record(&[(image.clone(), o.reference.iter().cloned().collect())])
+    {
+        undo(images);
+        return Err(e);
+    }
     let snap = images.snapshotter()?;
     let name = chain.to_string();
     let adoption = if snap.stat(&name).is_ok() {
         Adoption::Shared
     } else if c.status()? == Status::Running {
         let tmp = format!("commit-{}-{}", std::process::id(), chain.hex());
-        snap.prepare(&tmp, &parent_chain.to_string(), Default::default())?;
         let copied = (|| -> Result<()> {
+            snap.prepare(&tmp, &parent_chain.to_string(), Default::default())?;
             let (dst, _) = snap.layer_dirs(&tmp)?;
             strata_overlay::tree::copy_tree(&upper, &dst)?;
             snap.commit(&name, &tmp, Default::default(), None)?;
@@ -279,11 +309,15 @@ pub fn commit(images: &mut Images, c: &Container, o: &CommitOptions) -> Result<C
         })();
         if let Err(e) = copied {
             let _ = snap.remove(&tmp);
+            undo(images);
             return Err(e);
         }
         Adoption::Copied
     } else {
-        snap.adopt(&key, &name, &parent_chain.to_string(), BTreeMap::new())?;
+        if let Err(e) = snap.adopt(&key, &name, &parent_chain.to_string(), BTreeMap::new()) {
+            undo(images);
+            return Err(e.into());
+        }
         let mut layers = layers_before.clone();
         layers.push(json!({
             "Chain": name, "DiffId": diff_id.to_string(), "Descriptor": descriptor,
@@ -291,7 +325,8 @@ pub fn commit(images: &mut Images, c: &Container, o: &CommitOptions) -> Result<C
         }));
         ccfg["Layers"] = json!(layers);
         ccfg["ImageTop"] = json!(name);
-        // Recorded at once: from here on the container's changes live in that layer.
+        // Recorded at once: from here on the container's changes live in that layer. Should
+        // the rebase below fail, `settle` finishes it on the container's next start.
         c.set_config(&ccfg)?;
         settle(images, c)?;
         Adoption::Moved

@@ -158,12 +158,13 @@ impl Store {
     }
 
     /// Writes a blob produced by `f` into the ingest dir, hashing it on the way, and stores it
-    /// under its digest once `f` succeeds (nothing is kept otherwise). For blobs made here,
+    /// under its digest once `f` succeeds (nothing is kept otherwise); says whether the blob is
+    /// new to the store. For blobs made here,
     /// like a committed layer, which are streamed once straight into the store.
     pub fn put_with<T>(
         &self,
         f: impl FnOnce(&mut dyn Write) -> Result<T>,
-    ) -> Result<(Digest, u64, T)> {
+    ) -> Result<(Digest, u64, bool, T)> {
         let tmp = self.root.join("content/ingest").join(format!(
             "{}-{}",
             std::process::id(),
@@ -181,10 +182,11 @@ impl Store {
             file.sync_all()
                 .map_err(|e| Error::io("sync blob", &tmp, e))?;
             let dst = self.blob_path(&digest);
-            if !dst.exists() {
+            let new = !dst.exists();
+            if new {
                 std::fs::rename(&tmp, &dst).map_err(|e| Error::io("store blob", &dst, e))?;
             }
-            Ok((digest, size, v))
+            Ok((digest, size, new, v))
         });
         let _ = std::fs::remove_file(&tmp);
         result
