@@ -225,7 +225,7 @@ fn run(c: &Container, detached: bool) -> Result<i32> {
         {
             break None;
         }
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        std::thread::sleep(std::time::Duration::from_micros(100));
     };
     // Detached, the CLI must learn whether the command could be started at all: wait until
     // the process is no longer this binary (it exec'd the command) or is gone.
@@ -239,7 +239,7 @@ fn run(c: &Container, detached: bool) -> Result<i32> {
                         .as_ref()
                         .is_some_and(|me| (me.dev(), me.ino()) == (m.dev(), m.ino())) =>
                 {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    std::thread::sleep(std::time::Duration::from_micros(200));
                 }
                 Ok(_) => break true,
                 Err(_) => break false,
