@@ -39,6 +39,45 @@ fn run_isolates_and_reports_like_docker() {
     );
     assert!(out.contains("/bin/sh -c"), "pid 1 is the command:\n{out}");
 
+    // --env-file (comments and blanks skipped, -e wins), --entrypoint, --network host.
+    let envf = t.path().join("env");
+    std::fs::write(&envf, "# a comment\n\nA=from-file\nB=also\n").unwrap();
+    let out = ok(st(&root)
+        .args(["run", "--rm", "--env-file"])
+        .arg(&envf)
+        .args([
+            "-e",
+            "B=flag",
+            "--entrypoint",
+            "/bin/sh",
+            img,
+            "-c",
+            "echo $A $B",
+        ]));
+    assert_eq!(out, "from-file flag\n");
+    let bad = t.path().join("bad-env");
+    std::fs::write(&bad, "=nokey\n").unwrap();
+    let out = run(st(&root)
+        .args(["run", "--rm", "--env-file"])
+        .arg(&bad)
+        .args([img, "true"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid variable"));
+    let host_ifaces = std::fs::read_dir("/sys/class/net").unwrap().count();
+    let out = ok(st(&root).args([
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        img,
+        "ls",
+        "/sys/class/net",
+    ]));
+    assert_eq!(
+        out.lines().count(),
+        host_ifaces,
+        "the host's interfaces:\n{out}"
+    );
+
     // Options, exit codes, names.
     let out = run(st(&root).args([
         "run",
