@@ -25,8 +25,12 @@ fn main() {
             Path::new(&args[2]),
         ));
     }
-    strata_runtime::default_sigpipe();
     let cli = Cli::parse();
+    // A server must not die of a client closing its connection: only the CLI's own output
+    // commands end quietly on a closed pipe.
+    if !matches!(cli.command, Command::Snapshotter(_)) {
+        strata_runtime::default_sigpipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
