@@ -1,0 +1,387 @@
+//! The union's model of the on-disk layers: lookup through a stack of layer directories, top
+//! first, with overlayfs' rules, accepting both encodings of deletions and opaque directories
+//! (so an upper made by kernel overlay, a layer unpacked by Strata, and a tree in the OCI
+//! `.wh.` form all read the same):
+//!
+//! - a name is deleted in a layer by a whiteout: a character device 0:0 of that name, or a
+//!   file `.wh.NAME` beside it; it hides the name in every layer below;
+//! - a directory is opaque when it has the xattr `trusted.overlay.opaque` or
+//!   `user.overlay.opaque` = `y`, or holds `.wh..wh..opq`; it hides the directories of the same
+//!   path below it;
+//! - a non-directory hides everything below it at its path; a directory merges with the
+//!   directories of the same path below it (until an opaque one or a non-directory);
+//! - the marker names themselves (`.wh.*`) are never part of the merged view.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::AtFlags;
+use nix::sys::stat::{FileStat, fstatat};
+use strata_overlay::whiteout::{OPAQUE_MARKER, OPAQUE_VALUE, WHITEOUT_PREFIX, XattrNs};
+
+/// Whether a layer is the writable one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// The upper layer: copy-ups, new files and whiteouts go here.
+    Upper,
+    /// A read-only lower layer.
+    Lower,
+}
+
+/// One layer directory.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Its root.
+    pub root: PathBuf,
+    /// Upper or lower.
+    pub kind: LayerKind,
+}
+
+/// The layers of a union, top first (the upper, if any, is first).
+#[derive(Debug, Clone)]
+pub struct Stack {
+    layers: Vec<Layer>,
+}
+
+/// What a path is in the merged view.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    /// A non-directory, taken from layer `layer`.
+    File {
+        /// Index of the layer holding it.
+        layer: usize,
+        /// Its `lstat` there.
+        stat: FileStat,
+    },
+    /// A directory: the layers (top first) whose directories at this path merge, and the
+    /// `lstat` of the topmost, whose attributes the merged directory shows.
+    Dir {
+        /// Indexes of the layers that contribute, top first.
+        layers: Vec<usize>,
+        /// `lstat` of the topmost one.
+        stat: FileStat,
+    },
+}
+
+impl Resolved {
+    /// The attributes the merged view shows.
+    pub fn stat(&self) -> &FileStat {
+        match self {
+            Resolved::File { stat, .. } | Resolved::Dir { stat, .. } => stat,
+        }
+    }
+
+    /// The topmost layer holding it.
+    pub fn layer(&self) -> usize {
+        match self {
+            Resolved::File { layer, .. } => *layer,
+            Resolved::Dir { layers, .. } => layers[0],
+        }
+    }
+}
+
+/// One name of a merged directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// The layer it comes from (the topmost that has it).
+    pub layer: usize,
+    /// Its file type bits (`S_IFMT` part of `st_mode`).
+    pub kind: u32,
+}
+
+fn lstat(path: &Path) -> Option<FileStat> {
+    fstatat(nix::fcntl::AT_FDCWD, path, AtFlags::AT_SYMLINK_NOFOLLOW).ok()
+}
+
+fn is_whiteout(st: &FileStat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
+}
+
+fn kind(st: &FileStat) -> u32 {
+    st.st_mode & libc::S_IFMT
+}
+
+/// True when the directory at `dir` is opaque (either form).
+pub fn is_opaque(dir: &Path) -> bool {
+    for ns in XattrNs::ALL {
+        let name = OsStr::from_bytes(ns.opaque().to_bytes());
+        if let Ok(v) = crate::sys::lgetxattr(dir, name) {
+            if v == OPAQUE_VALUE {
+                return true;
+            }
+        }
+    }
+    lstat(&dir.join(OsStr::from_bytes(OPAQUE_MARKER))).is_some()
+}
+
+fn whiteout_name(name: &OsStr) -> OsString {
+    let mut w = OsString::from(OsStr::from_bytes(WHITEOUT_PREFIX));
+    w.push(name);
+    w
+}
+
+/// True when `name` is one of the marker names that never show in the merged view.
+pub fn is_marker(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(WHITEOUT_PREFIX)
+}
+
+impl Stack {
+    /// A stack of `layers`, top first.
+    pub fn new(layers: Vec<Layer>) -> Stack {
+        Stack { layers }
+    }
+
+    /// The layers, top first.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The upper layer's index (0), if the union is writable.
+    pub fn upper(&self) -> Option<usize> {
+        (self.layers.first()?.kind == LayerKind::Upper).then_some(0)
+    }
+
+    /// The real path of `rel` in layer `i`.
+    pub fn path(&self, i: usize, rel: &Path) -> PathBuf {
+        self.layers[i].root.join(rel)
+    }
+
+    /// The root directory: every layer's root merges (until an opaque one).
+    pub fn root(&self) -> Option<Resolved> {
+        let mut layers = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if lstat(&l.root).is_some_and(|s| kind(&s) == libc::S_IFDIR) {
+                layers.push(i);
+                if is_opaque(&l.root) {
+                    break;
+                }
+            }
+        }
+        let stat = lstat(&self.layers[*layers.first()?].root)?;
+        Some(Resolved::Dir { layers, stat })
+    }
+
+    /// Looks up `name` in the merged directory `parent` (whose path is `rel`), as overlayfs
+    /// does; `None` when it does not exist in the merged view.
+    pub fn lookup(&self, parent: &[usize], rel: &Path, name: &OsStr) -> Option<Resolved> {
+        if is_marker(name) {
+            return None;
+        }
+        let child = rel.join(name);
+        let mut dirs: Vec<usize> = Vec::new();
+        let mut top: Option<FileStat> = None;
+        for &i in parent {
+            let here = self.path(i, &child);
+            match lstat(&here) {
+                Some(st) if is_whiteout(&st) => break,
+                Some(st) if kind(&st) == libc::S_IFDIR => {
+                    dirs.push(i);
+                    top.get_or_insert(st);
+                    if is_opaque(&here) {
+                        break;
+                    }
+                }
+                Some(st) => {
+                    // A non-directory: the answer if nothing above had a directory here,
+                    // else it is hidden by that directory.
+                    if dirs.is_empty() {
+                        return Some(Resolved::File { layer: i, stat: st });
+                    }
+                    break;
+                }
+                None => {
+                    if lstat(&self.path(i, &rel.join(whiteout_name(name)))).is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+        top.map(|stat| Resolved::Dir { layers: dirs, stat })
+    }
+
+    /// Resolves a whole relative path from the root.
+    pub fn resolve(&self, rel: &Path) -> Option<Resolved> {
+        let mut cur = self.root()?;
+        let mut at = PathBuf::new();
+        for comp in rel.components() {
+            let std::path::Component::Normal(name) = comp else {
+                continue;
+            };
+            let Resolved::Dir { layers, .. } = &cur else {
+                return None;
+            };
+            let next = self.lookup(layers, &at, name)?;
+            at.push(name);
+            cur = next;
+        }
+        Some(cur)
+    }
+
+    /// The merged listing of the directory `rel` made of `layers` (top first): every name of
+    /// every contributing layer once, from the topmost layer that has it, without whited-out
+    /// names or markers.
+    pub fn read_dir(
+        &self,
+        layers: &[usize],
+        rel: &Path,
+    ) -> std::io::Result<BTreeMap<OsString, DirEntry>> {
+        let mut out: BTreeMap<OsString, DirEntry> = BTreeMap::new();
+        let mut hidden: std::collections::HashSet<OsString> = Default::default();
+        for &i in layers {
+            let dir = self.path(i, rel);
+            let it = match std::fs::read_dir(&dir) {
+                Ok(it) => it,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let mut whiteouts = Vec::new();
+            for e in it {
+                let e = e?;
+                let name = e.file_name();
+                if let Some(rest) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
+                    if name.as_bytes() != OPAQUE_MARKER {
+                        whiteouts.push(OsStr::from_bytes(rest).to_os_string());
+                    }
+                    continue;
+                }
+                if out.contains_key(&name) || hidden.contains(&name) {
+                    continue;
+                }
+                let Some(st) = lstat(&dir.join(&name)) else {
+                    continue;
+                };
+                if is_whiteout(&st) {
+                    hidden.insert(name);
+                    continue;
+                }
+                out.insert(
+                    name,
+                    DirEntry {
+                        layer: i,
+                        kind: kind(&st),
+                    },
+                );
+            }
+            // `.wh.NAME` hides NAME below this layer (this layer's own NAME, if any, stays).
+            hidden.extend(whiteouts);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(t: &Path, n: usize) -> Stack {
+        let mut layers = vec![Layer {
+            root: t.join("upper"),
+            kind: LayerKind::Upper,
+        }];
+        std::fs::create_dir_all(t.join("upper")).unwrap();
+        for i in 0..n {
+            let p = t.join(format!("l{i}"));
+            std::fs::create_dir_all(&p).unwrap();
+            layers.push(Layer {
+                root: p,
+                kind: LayerKind::Lower,
+            });
+        }
+        Stack::new(layers)
+    }
+
+    fn w(p: &Path, data: &str) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+
+    fn names(s: &Stack, rel: &str) -> Vec<String> {
+        let Some(Resolved::Dir { layers, .. }) = s.resolve(Path::new(rel)) else {
+            panic!("{rel} is not a directory");
+        };
+        s.read_dir(&layers, Path::new(rel))
+            .unwrap()
+            .keys()
+            .map(|k| k.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn both_whiteout_forms_hide_and_markers_never_show() {
+        let t = tempfile::tempdir().unwrap();
+        let s = stack(t.path(), 2);
+        let (u, l0, l1) = (
+            t.path().join("upper"),
+            t.path().join("l0"),
+            t.path().join("l1"),
+        );
+        w(&l1.join("d/a"), "a1");
+        w(&l1.join("d/b"), "b1");
+        w(&l1.join("d/c"), "c1");
+        w(&l0.join("d/a"), "a0");
+        // OCI form in the middle layer deletes b; the upper overrides a.
+        w(&l0.join("d/.wh.b"), "");
+        w(&u.join("d/a"), "au");
+        assert_eq!(names(&s, "d"), ["a", "c"]);
+        match s.resolve(Path::new("d/a")).unwrap() {
+            Resolved::File { layer, .. } => assert_eq!(layer, 0),
+            r => panic!("{r:?}"),
+        }
+        assert!(s.resolve(Path::new("d/b")).is_none());
+        assert!(
+            s.resolve(Path::new("d/.wh.b")).is_none(),
+            "markers are not names"
+        );
+        // Kernel form: a char 0:0 in the upper (needs root to mknod).
+        if nix::unistd::geteuid().is_root() {
+            nix::sys::stat::mknod(
+                &u.join("d/c"),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                0,
+            )
+            .unwrap();
+            assert!(s.resolve(Path::new("d/c")).is_none());
+            assert_eq!(names(&s, "d"), ["a"]);
+        }
+    }
+
+    #[test]
+    fn opaque_dirs_in_both_forms_and_files_over_dirs() {
+        let t = tempfile::tempdir().unwrap();
+        let s = stack(t.path(), 1);
+        let (u, l0) = (t.path().join("upper"), t.path().join("l0"));
+        w(&l0.join("x/old"), "");
+        w(&l0.join("y/old"), "");
+        w(&l0.join("z/deep/f"), "");
+        w(&u.join("x/.wh..wh..opq"), "");
+        w(&u.join("x/new"), "");
+        std::fs::create_dir_all(u.join("y")).unwrap();
+        xattr_set(&u.join("y"), "user.overlay.opaque", b"y");
+        // A file over a lower directory hides the whole tree.
+        w(&u.join("z"), "now a file");
+        assert_eq!(names(&s, "x"), ["new"]);
+        assert_eq!(names(&s, "y"), Vec::<String>::new());
+        assert!(matches!(
+            s.resolve(Path::new("z")),
+            Some(Resolved::File { layer: 0, .. })
+        ));
+        assert!(s.resolve(Path::new("z/deep/f")).is_none());
+        // Merged dirs list every layer's names once.
+        w(&u.join("m/u"), "");
+        w(&l0.join("m/l"), "");
+        w(&l0.join("m/u"), "");
+        assert_eq!(names(&s, "m"), ["l", "u"]);
+        match s.resolve(Path::new("m")).unwrap() {
+            Resolved::Dir { layers, .. } => assert_eq!(layers, [0, 1]),
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(names(&s, ""), ["m", "x", "y", "z"]);
+    }
+
+    fn xattr_set(p: &Path, name: &str, v: &[u8]) {
+        crate::sys::lsetxattr(p, OsStr::new(name), v).unwrap();
+    }
+}

@@ -1,0 +1,52 @@
+//! The raw syscalls the FUSE filesystem needs that nix does not wrap (path xattrs).
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+fn c(p: &[u8]) -> io::Result<CString> {
+    CString::new(p).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))
+}
+
+/// `lgetxattr(2)`: the value of `name` on `path` (not following a final symlink).
+pub fn lgetxattr(path: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
+    let (p, n) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: `buf` is valid for writes of its length; both strings are NUL-terminated.
+        let r =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < 1 << 16 {
+            buf.resize(buf.len() * 8, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+/// `lsetxattr(2)`.
+#[cfg(test)]
+pub fn lsetxattr(path: &Path, name: &OsStr, value: &[u8]) -> io::Result<()> {
+    let (p, n) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
+    // SAFETY: `value` is valid for reads of its length; both strings are NUL-terminated.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
