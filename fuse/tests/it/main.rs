@@ -1,0 +1,3 @@
+//! Integration tests of the FUSE crate.
+
+mod model;
