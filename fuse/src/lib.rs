@@ -7,13 +7,17 @@
 //! # Layout
 //! - [`layer`]: the model of a stack of layer directories: lookup and merged listings with
 //!   overlayfs' rules, whiteouts and opaque directories in both the kernel and the OCI form.
+//! - [`node`]: the inode table (stable numbers per path for the mount's lifetime).
+//! - [`fs`]: the `fuser::Filesystem` glue; read-only so far (writes answer `EROFS`: copy-up,
+//!   whiteout creation and renames come next).
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
-//!
-//! The FUSE request handling (inode table, copy-up, the `fuser::Filesystem` glue) and the
-//! `strata mount --fuse` command come next; until then nothing mounts through this crate.
 #![deny(unsafe_code)]
 
+pub mod fs;
 pub mod layer;
+pub mod node;
 mod sys;
+
+pub use fs::Union;
 
 pub use strata_overlay::whiteout;

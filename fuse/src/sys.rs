@@ -50,3 +50,23 @@ pub fn lsetxattr(path: &Path, name: &OsStr, value: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `llistxattr(2)`: the NUL-separated attribute names of `path`.
+pub fn llistxattr(path: &Path) -> io::Result<Vec<u8>> {
+    let p = c(path.as_os_str().as_bytes())?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: `buf` is valid for writes of its length; the path is NUL-terminated.
+        let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 8, 0);
+            continue;
+        }
+        return Err(e);
+    }
+}

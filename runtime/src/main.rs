@@ -6,6 +6,7 @@ mod images;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -26,9 +27,10 @@ fn main() {
         ));
     }
     let cli = Cli::parse();
-    // A server must not die of a client closing its connection: only the CLI's own output
-    // commands end quietly on a closed pipe.
-    if !matches!(cli.command, Command::Snapshotter(_)) {
+    // A server (the snapshotter, a FUSE mount) must not die of a closed connection or of its
+    // starter closing the pipe of its stderr: only the CLI's own output commands end quietly
+    // on a closed pipe.
+    if !matches!(cli.command, Command::Snapshotter(_) | Command::Mount(_)) {
         strata_runtime::default_sigpipe();
     }
     tracing_subscriber::fmt()
@@ -208,9 +210,7 @@ fn run(cli: Cli) -> Result<()> {
             strata_runtime::layer_demo::run(keep, &mut std::io::stdout())
         }
         Command::Mount(a) => mount(a),
-        Command::Umount { merged, lazy } => {
-            unmount(&merged, lazy).with_context(|| format!("unmounting {}", merged.display()))
-        }
+        Command::Umount { merged, lazy } => umount(&merged, lazy),
         Command::Info { dir } => info(&root, dir),
         Command::Snapshotter(SnapshotterCommand::Serve {
             root,
@@ -326,7 +326,91 @@ fn layer_changes(a: cli::ChangesArgs) -> Result<()> {
     Ok(())
 }
 
+/// True when `at` is a mount point of a FUSE filesystem (from /proc/self/mountinfo).
+fn fuse_mounted(at: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = at.canonicalize().unwrap_or_else(|_| at.to_path_buf());
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next());
+        f.get(4).map(|p| p.replace("\\040", " ")).as_deref() == want.to_str()
+            && fstype.is_some_and(|t| t.starts_with("fuse"))
+    })
+}
+
+fn mount_fuse(a: cli::MountArgs) -> Result<()> {
+    if a.upper.is_some() {
+        bail!(
+            "strata's FUSE filesystem serves read-only unions so far (copy-up and whiteouts are the next step): drop --upper/--work, or mount with kernel overlay"
+        );
+    }
+    let lowers = split_paths(&a.lower);
+    if lowers.is_empty() {
+        bail!("--lower needs at least one layer");
+    }
+    for l in &lowers {
+        if !l.is_dir() {
+            bail!("lower layer {} is not a directory", l.display());
+        }
+    }
+    if a.foreground {
+        let stack = strata_fuse::layer::Stack::new(
+            lowers
+                .into_iter()
+                .map(|root| strata_fuse::layer::Layer {
+                    root,
+                    kind: strata_fuse::layer::LayerKind::Lower,
+                })
+                .collect(),
+        );
+        let config = strata_fuse::fs::config(&a.fsname, a.threads);
+        return strata_fuse::fs::serve(strata_fuse::Union::new(stack), &a.merged, &config)
+            .with_context(|| format!("serving the FUSE mount on {}", a.merged.display()));
+    }
+    // Detach: the same command in the foreground, in a session of its own; this returns once
+    // the mount is live, or with the server's error.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(&args)
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the FUSE server")?;
+    let start = std::time::Instant::now();
+    loop {
+        if fuse_mounted(&a.merged) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            bail!(
+                "the FUSE server exited ({status}) before mounting: {}",
+                err.trim().trim_start_matches("strata: error: ")
+            );
+        }
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = child.kill();
+            bail!(
+                "the FUSE mount on {} did not appear within 10 s",
+                a.merged.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn mount(a: cli::MountArgs) -> Result<()> {
+    if a.fuse {
+        return mount_fuse(a);
+    }
     let probe_dir = a
         .upper
         .clone()
@@ -353,6 +437,28 @@ fn mount(a: cli::MountArgs) -> Result<()> {
     o.mount(&a.merged)
         .with_context(|| format!("mounting overlay on {}", a.merged.display()))?;
     Ok(())
+}
+
+fn umount(merged: &Path, lazy: bool) -> Result<()> {
+    match unmount(merged, lazy) {
+        // Not root: a FUSE mount of ours goes through fusermount3, as for fuse-overlayfs.
+        Err(strata_overlay::Error::Mount { err, .. })
+            if err.raw_os_error() == Some(libc::EPERM) && fuse_mounted(merged) =>
+        {
+            let ok = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .args(lazy.then_some("-z"))
+                .arg(merged)
+                .status()
+                .context("running fusermount3 -u")?
+                .success();
+            if !ok {
+                bail!("fusermount3 -u {} failed", merged.display());
+            }
+            Ok(())
+        }
+        r => r.with_context(|| format!("unmounting {}", merged.display())),
+    }
 }
 
 fn info(root: &Path, dir: Option<PathBuf>) -> Result<()> {

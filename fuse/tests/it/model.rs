@@ -1,6 +1,7 @@
-//! The layer model against the kernel: for random stacks of layers (files, directories,
+//! The layer model and the FUSE mount against the kernel: for random stacks of layers (files, directories,
 //! whiteouts and opaque directories in the kernel's form), the merged view `Stack` computes is
-//! the one kernel overlayfs mounts, name for name, type for type, content for content.
+//! the one kernel overlayfs mounts, name for name, type and mode, content; and Strata's FUSE
+//! filesystem mounted over the same layers shows exactly that too.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -78,7 +79,7 @@ fn set_opaque(dir: &Path) {
 }
 
 /// The tree under `root` as path -> (type, content byte).
-fn walk_fs(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, (char, Option<u8>)>) {
+fn walk_fs(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, (char, Option<u8>, u32)>) {
     let mut names: Vec<_> = std::fs::read_dir(root.join(rel))
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -92,14 +93,13 @@ fn walk_fs(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, (char, Option<u8
         let Ok(m) = std::fs::symlink_metadata(root.join(&p)) else {
             continue;
         };
+        let mode = std::os::unix::fs::MetadataExt::mode(&m);
         if m.is_dir() {
-            out.insert(p.clone(), ('d', None));
+            out.insert(p.clone(), ('d', None, mode));
             walk_fs(root, &p, out);
         } else {
-            out.insert(
-                p.clone(),
-                ('f', std::fs::read(root.join(&p)).unwrap().first().copied()),
-            );
+            let first = std::fs::read(root.join(&p)).unwrap().first().copied();
+            out.insert(p.clone(), ('f', first, mode));
         }
     }
 }
@@ -108,23 +108,18 @@ fn walk_model(
     s: &Stack,
     layers: &[usize],
     rel: &Path,
-    out: &mut BTreeMap<PathBuf, (char, Option<u8>)>,
+    out: &mut BTreeMap<PathBuf, (char, Option<u8>, u32)>,
 ) {
     for (name, _) in s.read_dir(layers, rel).unwrap() {
         let p = rel.join(&name);
         match s.lookup(layers, rel, &name).expect("listed names resolve") {
-            Resolved::Dir { layers: sub, .. } => {
-                out.insert(p.clone(), ('d', None));
+            Resolved::Dir { layers: sub, stat } => {
+                out.insert(p.clone(), ('d', None, stat.st_mode));
                 walk_model(s, &sub, &p, out);
             }
-            Resolved::File { layer, .. } => {
-                out.insert(
-                    p.clone(),
-                    (
-                        'f',
-                        std::fs::read(s.path(layer, &p)).unwrap().first().copied(),
-                    ),
-                );
+            Resolved::File { layer, stat } => {
+                let first = std::fs::read(s.path(layer, &p)).unwrap().first().copied();
+                out.insert(p.clone(), ('f', first, stat.st_mode));
             }
         }
     }
@@ -148,7 +143,15 @@ proptest! {
         let mut kernel = BTreeMap::new();
         walk_fs(&merged, Path::new(""), &mut kernel);
         unmount(&merged, false).unwrap();
+        // The same layers through Strata's FUSE filesystem.
         let s = Stack::new(roots.iter().map(|r| Layer { root: r.clone(), kind: LayerKind::Lower }).collect());
+        let fuse_at = t.path().join("f");
+        std::fs::create_dir(&fuse_at).unwrap();
+        let session = fuser::spawn_mount2(strata_fuse::Union::new(s.clone()), &fuse_at, &strata_fuse::fs::config("strata-test", 2)).unwrap();
+        let mut fused = BTreeMap::new();
+        walk_fs(&fuse_at, Path::new(""), &mut fused);
+        session.umount_and_join().unwrap();
+        prop_assert_eq!(&fused, &kernel, "FUSE view differs from kernel overlay");
         let Some(Resolved::Dir { layers, .. }) = s.root() else { panic!("no root") };
         let mut model = BTreeMap::new();
         walk_model(&s, &layers, Path::new(""), &mut model);

@@ -12,7 +12,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "STRATA_ROOT")]
     pub root: Option<PathBuf>,
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `strata_overlay=debug`.
-    #[arg(long, global = true, env = "STRATA_LOG", default_value = "warn")]
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_LOG",
+        default_value = "warn,fuser=error"
+    )]
     pub log: String,
     /// The command.
     #[command(subcommand)]
@@ -243,7 +248,7 @@ pub enum Command {
     /// Work with layer blobs and layer directories.
     #[command(subcommand)]
     Layer(LayerCommand),
-    /// Mount a stack of layers with kernel overlayfs.
+    /// Mount a stack of layers with kernel overlayfs (or Strata's FUSE filesystem).
     Mount(MountArgs),
     /// Unmount a mount point.
     Umount {
@@ -471,6 +476,19 @@ pub struct MountArgs {
     /// Read-only.
     #[arg(long)]
     pub ro: bool,
+    /// Mount with Strata's FUSE filesystem instead of kernel overlay (read-only so far).
+    #[arg(long)]
+    pub fuse: bool,
+    /// With --fuse: stay in the foreground serving requests (otherwise the server detaches
+    /// and the command returns once the mount is live).
+    #[arg(short, long, requires = "fuse")]
+    pub foreground: bool,
+    /// With --fuse: the filesystem's source name (as `mount` shows it).
+    #[arg(long, default_value = "strata", requires = "fuse")]
+    pub fsname: String,
+    /// With --fuse: request-handling threads.
+    #[arg(long, default_value_t = 4, requires = "fuse")]
+    pub threads: usize,
 }
 
 /// Splits a ':'-separated list of paths.

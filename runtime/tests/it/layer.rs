@@ -5,28 +5,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn strata() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_strata"))
-}
-
-fn require_root() {
-    let uid = std::fs::read_to_string("/proc/self/status").unwrap();
-    assert!(
-        uid.lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")),
-        "these tests need root: run the suite as root"
-    );
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use crate::support::{ok, require_root, run, scratch, strata};
 
 fn fails(cmd: &mut Command, want: &str) -> Output {
     let out = cmd.output().unwrap();
@@ -37,14 +16,6 @@ fn fails(cmd: &mut Command, want: &str) -> Output {
         "{cmd:?}: stderr {err:?} does not say {want:?}"
     );
     out
-}
-
-fn scratch() -> tempfile::TempDir {
-    std::fs::create_dir_all("/var/tmp").unwrap();
-    tempfile::Builder::new()
-        .prefix("strata-cli-")
-        .tempdir_in("/var/tmp")
-        .unwrap()
 }
 
 fn field(out: &str, name: &str) -> String {
@@ -410,4 +381,89 @@ fn rootless_apply_and_userxattr_mount_as_nobody() {
         "the kernel wrote a whiteout in the upper"
     );
     assert_eq!(std::fs::read(d.join("u/etc/g")).unwrap(), b"new\n");
+}
+
+/// `strata mount --fuse`: the read-only union through Strata's FUSE filesystem, detached and
+/// live when the command returns, as root and as uid 65534 (through fusermount3).
+#[test]
+fn fuse_mount_serves_a_read_only_union() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for (p, data) in [
+        ("l2/d/a", "low"),
+        ("l2/d/b", "gone"),
+        ("l1/d/a", "top"),
+        ("l1/d/.wh.b", ""),
+    ] {
+        let p = d.join(p);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    std::fs::create_dir(d.join("m")).unwrap();
+    let lower = format!("{}:{}", d.join("l1").display(), d.join("l2").display());
+    ok(strata()
+        .args(["mount", "--fuse", "--lower", &lower])
+        .arg(d.join("m")));
+    assert_eq!(std::fs::read_to_string(d.join("m/d/a")).unwrap(), "top");
+    let names: Vec<String> = std::fs::read_dir(d.join("m/d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["a"],
+        "whiteouts (OCI form too) hide, markers never show"
+    );
+    let err = std::fs::write(d.join("m/d/new"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(&*d.join("m").to_string_lossy()) && l.contains(" fuse")),
+        "{mounts}"
+    );
+    ok(strata().arg("umount").arg(d.join("m")));
+    assert!(!d.join("m/d").exists(), "unmounted");
+    // Refused clearly: writable unions (not yet), missing layers.
+    let out = run(strata()
+        .args(["mount", "--fuse", "--lower", &lower, "--upper"])
+        .arg(d.join("u"))
+        .arg("--work")
+        .arg(d.join("w"))
+        .arg(d.join("m")));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only unions so far"));
+    let out = run(strata()
+        .args(["mount", "--fuse", "--lower", "/no/such/layer"])
+        .arg(d.join("m")));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+    // Rootless: uid 65534 mounts and unmounts through fusermount3.
+    let bin = d.join("strata");
+    std::fs::copy(env!("CARGO_BIN_EXE_strata"), &bin).unwrap();
+    std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::os::unix::fs::chown(d.join("m"), Some(65534), Some(65534)).unwrap();
+    let script = format!(
+        "set -e; cd {d}; {bin} mount --fuse --lower {lower} m; cat m/d/a; {bin} umount m",
+        d = d.display(),
+        bin = bin.display()
+    );
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stdout == b"top",
+        "rootless FUSE mount:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
