@@ -1,7 +1,6 @@
-//! The `fuser::Filesystem` glue: each request is turned into a call on the [`Stack`] model and
-//! the inode table, and its result or errno is sent back. This first increment serves a
-//! read-only union (lookup, getattr, readlink, open/read, readdir, statfs, xattrs); writes
-//! answer `EROFS`.
+//! The `fuser::Filesystem` glue: each request is turned into a call on the [`Stack`] model, the
+//! inode table and the upper's operations (`ops`), and its result or errno is sent back.
+//! Without an upper the union is read-only and changes answer `EROFS`.
 //!
 //! Requests are served by several threads (fuser's `n_threads`); nothing holds a lock across
 //! I/O: the inode table's lock covers map updates only, and open files live in a handle table
@@ -11,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
 };
 use nix::sys::stat::FileStat;
 use strata_overlay::whiteout::is_overlay_xattr;
@@ -41,14 +41,13 @@ enum Handle {
 /// The union filesystem served over FUSE.
 pub struct Union {
     stack: Stack,
+    upper: Option<crate::ops::Upper>,
     nodes: Nodes,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
 }
 
-fn errno(e: std::io::Error) -> Errno {
-    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
-}
+use crate::ops::errno;
 
 fn time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
@@ -91,14 +90,68 @@ fn attr(ino: u64, st: &FileStat) -> FileAttr {
 }
 
 impl Union {
-    /// A union over `stack`.
+    /// A read-only union over `stack`.
     pub fn new(stack: Stack) -> Union {
         Union {
             stack,
+            upper: None,
             nodes: Nodes::new(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
+    }
+
+    /// A writable union: `stack`'s first layer is the upper, `work` its work dir (same
+    /// filesystem).
+    pub fn writable(stack: Stack, work: PathBuf) -> Union {
+        let upper = stack.layers()[0].root.clone();
+        let mut u = Union::new(stack);
+        u.upper = Some(crate::ops::Upper::new(upper, work));
+        u
+    }
+
+    fn upper(&self) -> Result<&crate::ops::Upper, Errno> {
+        self.upper.as_ref().ok_or(Errno::EROFS)
+    }
+
+    /// The path of `name` in directory node `parent`, which must be a directory.
+    fn child(&self, parent: u64, name: &OsStr) -> Result<PathBuf, Errno> {
+        if crate::layer::is_marker(name) {
+            return Err(Errno::EPERM);
+        }
+        let (ppath, p) = self.resolve(parent)?;
+        let Resolved::Dir { .. } = p else {
+            return Err(Errno::ENOTDIR);
+        };
+        Ok(ppath.join(name))
+    }
+
+    /// Prepares a new name in the upper: it must not exist in the merged view; its parent is
+    /// copied up; a whiteout there is removed (true if there was one).
+    fn new_name(&self, parent: u64, name: &OsStr) -> Result<(PathBuf, bool), Errno> {
+        let up = self.upper()?;
+        let rel = self.child(parent, name)?;
+        if self.stack.resolve(&rel).is_some() {
+            return Err(Errno::EEXIST);
+        }
+        if let Some(p) = rel.parent() {
+            up.ensure_dir(&self.stack, p)?;
+        }
+        let had = up.clear_whiteout(&rel)?;
+        Ok((rel, had))
+    }
+
+    /// Gives a new upper entry to the requesting user (as root; the kernel's own rule).
+    fn own(&self, req: &Request, real: &Path) {
+        if nix::unistd::geteuid().is_root() {
+            let _ = std::os::unix::fs::lchown(real, Some(req.uid()), Some(req.gid()));
+        }
+    }
+
+    /// The entry reply for `rel` after a change.
+    fn entry_of(&self, rel: &Path) -> Result<FileAttr, Errno> {
+        let r = self.stack.resolve(rel).ok_or(Errno::ENOENT)?;
+        Ok(attr(self.nodes.number(rel), r.stat()))
     }
 
     /// The merged view's entry for node `ino`: its path and what it is now.
@@ -191,7 +244,14 @@ impl fuser::Filesystem for Union {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // An open file answers for itself, even unlinked.
+        if let Some(f) = fh.and_then(|fh| self.file(fh.0)) {
+            return match nix::sys::stat::fstat(&*f) {
+                Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+                Err(e) => reply.error(Errno::from_i32(e as i32)),
+            };
+        }
         match self.resolve(ino.0) {
             Ok((_, r)) => reply.attr(&TTL, &attr(ino.0, r.stat())),
             Err(e) => reply.error(e),
@@ -209,16 +269,29 @@ impl fuser::Filesystem for Union {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        let r = self
-            .resolve(ino.0)
-            .and_then(|(p, r)| File::open(self.real(&p, &r)).map_err(errno));
+        let r = (|| {
+            let (path, r) = self.resolve(ino.0)?;
+            let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+            let trunc = flags.0 & libc::O_TRUNC != 0;
+            let real = if write || trunc {
+                let up = self.upper()?;
+                up.copy_up(&self.stack, &path)?;
+                up.root.join(&path)
+            } else {
+                self.real(&path, &r)
+            };
+            let mut o = std::fs::OpenOptions::new();
+            o.read(flags.acc_mode() != OpenAccMode::O_WRONLY)
+                .write(write)
+                .append(flags.0 & libc::O_APPEND != 0)
+                .truncate(trunc && write);
+            o.custom_flags(libc::O_NOFOLLOW);
+            o.open(real).map_err(errno)
+        })();
         match r {
             Ok(f) => reply.opened(
                 FileHandle(self.add_handle(Handle::File(Arc::new(f)))),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                FopenFlags::empty(),
             ),
             Err(e) => reply.error(e),
         }
@@ -266,6 +339,432 @@ impl fuser::Filesystem for Union {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
         reply.ok();
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = (|| {
+            let up = self.upper()?;
+            let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            up.copy_up(&self.stack, &path)?;
+            let real = up.root.join(&path);
+            if let Some(m) = mode {
+                std::fs::set_permissions(
+                    &real,
+                    std::os::unix::fs::PermissionsExt::from_mode(m & 0o7777),
+                )
+                .map_err(errno)?;
+            }
+            if uid.is_some() || gid.is_some() {
+                std::os::unix::fs::lchown(&real, uid, gid).map_err(errno)?;
+            }
+            if let Some(sz) = size {
+                match fh.and_then(|fh| self.file(fh.0)) {
+                    Some(f) => f.set_len(sz).map_err(errno)?,
+                    None => std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&real)
+                        .and_then(|f| f.set_len(sz))
+                        .map_err(errno)?,
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                let ts = |t: Option<fuser::TimeOrNow>| match t {
+                    None => nix::sys::time::TimeSpec::new(0, libc::UTIME_OMIT),
+                    Some(fuser::TimeOrNow::Now) => {
+                        nix::sys::time::TimeSpec::new(0, libc::UTIME_NOW)
+                    }
+                    Some(fuser::TimeOrNow::SpecificTime(t)) => {
+                        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+                        nix::sys::time::TimeSpec::new(d.as_secs() as i64, d.subsec_nanos() as i64)
+                    }
+                };
+                nix::sys::stat::utimensat(
+                    nix::fcntl::AT_FDCWD,
+                    &real,
+                    &ts(atime),
+                    &ts(mtime),
+                    nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+                )
+                .map_err(|e| Errno::from_i32(e as i32))?;
+            }
+            let st = nix::sys::stat::lstat(&real).map_err(|e| Errno::from_i32(e as i32))?;
+            Ok(attr(ino.0, &st))
+        })();
+        match r {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let (rel, _) = self.new_name(parent.0, name)?;
+            let real = self.upper()?.root.join(&rel);
+            nix::sys::stat::mknod(
+                &real,
+                nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT),
+                nix::sys::stat::Mode::from_bits_truncate(mode & !umask & 0o7777),
+                rdev as u64,
+            )
+            .map_err(|e| Errno::from_i32(e as i32))?;
+            self.own(req, &real);
+            self.entry_of(&rel)
+        })();
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let (rel, had_whiteout) = self.new_name(parent.0, name)?;
+            let up = self.upper()?;
+            let real = up.root.join(&rel);
+            std::fs::create_dir(&real).map_err(errno)?;
+            std::fs::set_permissions(
+                &real,
+                std::os::unix::fs::PermissionsExt::from_mode(mode & !umask & 0o7777),
+            )
+            .map_err(errno)?;
+            // Where a deleted directory was, the new one must not show the old one's entries.
+            if had_whiteout {
+                up.set_opaque(&real)?;
+            }
+            self.own(req, &real);
+            self.entry_of(&rel)
+        })();
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            let up = self.upper()?;
+            let rel = self.child(parent.0, name)?;
+            let r = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?;
+            if let Resolved::Dir { .. } = r {
+                return Err(Errno::EISDIR);
+            }
+            if r.layer() == 0 {
+                std::fs::remove_file(up.root.join(&rel)).map_err(errno)?;
+            }
+            if self.stack.resolve(&rel).is_some() {
+                if let Some(p) = rel.parent() {
+                    up.ensure_dir(&self.stack, p)?;
+                }
+                up.whiteout(&rel)?;
+            }
+            self.nodes.forget_path(&rel);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            let up = self.upper()?;
+            let rel = self.child(parent.0, name)?;
+            let Resolved::Dir { layers, .. } = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?
+            else {
+                return Err(Errno::ENOTDIR);
+            };
+            if !self
+                .stack
+                .read_dir(&layers, &rel)
+                .map_err(errno)?
+                .is_empty()
+            {
+                return Err(Errno::ENOTEMPTY);
+            }
+            if layers[0] == 0 {
+                up.remove_dir(&up.root.join(&rel))?;
+            }
+            if self.stack.resolve(&rel).is_some() {
+                if let Some(p) = rel.parent() {
+                    up.ensure_dir(&self.stack, p)?;
+                }
+                up.whiteout(&rel)?;
+            }
+            self.nodes.forget_path(&rel);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let (rel, _) = self.new_name(parent.0, link_name)?;
+            let real = self.upper()?.root.join(&rel);
+            std::os::unix::fs::symlink(target, &real).map_err(errno)?;
+            self.own(req, &real);
+            self.entry_of(&rel)
+        })();
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            if flags.contains(fuser::RenameFlags::RENAME_EXCHANGE) {
+                return Err(Errno::EINVAL);
+            }
+            let up = self.upper()?;
+            let from = self.child(parent.0, name)?;
+            let to = self.child(newparent.0, newname)?;
+            let src = self.stack.resolve(&from).ok_or(Errno::ENOENT)?;
+            let is_dir = matches!(src, Resolved::Dir { .. });
+            if from == to {
+                return Ok(());
+            }
+            if is_dir && to.starts_with(&from) {
+                return Err(Errno::EINVAL);
+            }
+            let dst = self.stack.resolve(&to);
+            if let Some(d) = &dst {
+                if flags.contains(fuser::RenameFlags::RENAME_NOREPLACE) {
+                    return Err(Errno::EEXIST);
+                }
+                match (is_dir, d) {
+                    (false, Resolved::Dir { .. }) => return Err(Errno::EISDIR),
+                    (true, Resolved::File { .. }) => return Err(Errno::ENOTDIR),
+                    (true, Resolved::Dir { layers, .. })
+                        if !self.stack.read_dir(layers, &to).map_err(errno)?.is_empty() =>
+                    {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                    _ => {}
+                }
+            }
+            // The source, whole, into the upper: a directory that any lower layer contributes
+            // to is copied as a complete, opaque tree (so no rename ever fails with EXDEV).
+            if matches!(&src, Resolved::Dir { layers, .. } if layers[..] != [0]) {
+                up.copy_up_tree(&self.stack, &from)?;
+            } else {
+                up.copy_up(&self.stack, &from)?;
+            }
+            if let Some(p) = to.parent() {
+                up.ensure_dir(&self.stack, p)?;
+            }
+            let had_whiteout = up.clear_whiteout(&to)?;
+            let real_to = up.root.join(&to);
+            if let Some(Resolved::Dir { layers, .. }) = &dst {
+                if layers[0] == 0 {
+                    up.remove_dir(&real_to)?;
+                }
+            }
+            std::fs::rename(up.root.join(&from), &real_to).map_err(errno)?;
+            // A directory now standing where lower content is must hide it.
+            if is_dir && (had_whiteout || dst.is_some()) {
+                up.set_opaque(&real_to)?;
+            }
+            if self.stack.resolve(&from).is_some() {
+                up.whiteout(&from)?;
+            }
+            self.nodes.rename(&from, &to);
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = (|| {
+            let up = self.upper()?;
+            let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            up.copy_up(&self.stack, &path)?;
+            let (rel, _) = self.new_name(newparent.0, newname)?;
+            std::fs::hard_link(up.root.join(&path), up.root.join(&rel)).map_err(errno)?;
+            let r = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?;
+            // Both names are one inode: reply with the linked node's number.
+            Ok(attr(ino.0, r.stat()))
+        })();
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        let r = (|| {
+            let (rel, _) = self.new_name(parent.0, name)?;
+            let real = self.upper()?.root.join(&rel);
+            let mut o = std::fs::OpenOptions::new();
+            o.read(flags & libc::O_ACCMODE != libc::O_WRONLY)
+                .write(true)
+                .create_new(true)
+                .append(flags & libc::O_APPEND != 0)
+                .mode(mode & !umask & 0o7777);
+            let f = o.open(&real).map_err(errno)?;
+            self.own(req, &real);
+            let a = self.entry_of(&rel)?;
+            Ok((a, self.add_handle(Handle::File(Arc::new(f)))))
+        })();
+        match r {
+            Ok((a, fh)) => {
+                reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        let Some(f) = self.file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        match f.write_all_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = match self.file(fh.0) {
+            Some(f) if datasync => f.sync_data().map_err(errno),
+            Some(f) => f.sync_all().map_err(errno),
+            None => Ok(()),
+        };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            if is_overlay_xattr(name.as_bytes()) {
+                return Err(Errno::EPERM);
+            }
+            let up = self.upper()?;
+            let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            up.copy_up(&self.stack, &path)?;
+            crate::sys::lsetxattr(&up.root.join(&path), name, value).map_err(errno)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            if is_overlay_xattr(name.as_bytes()) {
+                return Err(Errno::EPERM);
+            }
+            let up = self.upper()?;
+            let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            up.copy_up(&self.stack, &path)?;
+            crate::sys::lremovexattr(&up.root.join(&path), name).map_err(errno)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn flush(
@@ -381,17 +880,19 @@ impl fuser::Filesystem for Union {
     }
 }
 
-/// Mount options: read-only, the kernel checking permissions from the attributes we report
+/// Mount options: read-only without an upper, the kernel checking permissions from the attributes we report
 /// (as kernel overlay does), `allow_other` when root (so every user sees what kernel overlay
 /// would let them see), `fsname` as given.
-pub fn config(fsname: &str, threads: usize) -> fuser::Config {
+pub fn config(fsname: &str, threads: usize, read_only: bool) -> fuser::Config {
     let mut c = fuser::Config::default();
     c.mount_options = vec![
         fuser::MountOption::FSName(fsname.into()),
         fuser::MountOption::Subtype("strata".into()),
-        fuser::MountOption::RO,
         fuser::MountOption::DefaultPermissions,
     ];
+    if read_only {
+        c.mount_options.push(fuser::MountOption::RO);
+    }
     if nix::unistd::geteuid().is_root() {
         c.acl = fuser::SessionACL::All;
     }
@@ -402,5 +903,19 @@ pub fn config(fsname: &str, threads: usize) -> fuser::Config {
 
 /// Serves `union` at `mountpoint` until it is unmounted (`umount`, `fusermount3 -u`).
 pub fn serve(union: Union, mountpoint: &Path, config: &fuser::Config) -> std::io::Result<()> {
-    fuser::mount2(union, mountpoint, config)
+    ended(fuser::mount2(union, mountpoint, config))
+}
+
+/// A session's end: with several threads, the kernel aborts the connection of the ones still
+/// reading when the filesystem is unmounted; that is a normal end, not an error.
+pub fn ended(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::ConnectionAborted
+                || e.raw_os_error() == Some(libc::ENODEV) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
 }

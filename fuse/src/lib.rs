@@ -8,14 +8,15 @@
 //! - [`layer`]: the model of a stack of layer directories: lookup and merged listings with
 //!   overlayfs' rules, whiteouts and opaque directories in both the kernel and the OCI form.
 //! - [`node`]: the inode table (stable numbers per path for the mount's lifetime).
-//! - [`fs`]: the `fuser::Filesystem` glue; read-only so far (writes answer `EROFS`: copy-up,
-//!   whiteout creation and renames come next).
+//! - [`ops`]: the upper's changes: copy-up through the work dir, whiteouts, opaque dirs.
+//! - [`fs`]: the `fuser::Filesystem` glue (read-only without an upper).
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
 #![deny(unsafe_code)]
 
 pub mod fs;
 pub mod layer;
 pub mod node;
+pub mod ops;
 mod sys;
 
 pub use fs::Union;

@@ -70,6 +70,46 @@ impl Nodes {
         n
     }
 
+    /// Forgets the number of `path` (it was deleted): a new entry there gets a new number, so an
+    /// open file of the old one is not mistaken for it.
+    pub fn forget_path(&self, path: &Path) {
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<PathBuf> = t
+            .by_path
+            .keys()
+            .filter(|p| p.starts_with(path))
+            .cloned()
+            .collect();
+        for p in gone {
+            t.by_path.remove(&p);
+        }
+    }
+
+    /// Moves `from` (and everything below it) to `to`, keeping the numbers: the kernel goes on
+    /// naming the moved inodes by them.
+    pub fn rename(&self, from: &Path, to: &Path) {
+        self.forget_path(to);
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let moved: Vec<(PathBuf, u64)> = t
+            .by_path
+            .iter()
+            .filter(|(p, _)| p.starts_with(from))
+            .map(|(p, n)| (p.clone(), *n))
+            .collect();
+        for (p, n) in moved {
+            let rest = p.strip_prefix(from).expect("filtered by prefix");
+            // `join("")` would add a trailing slash, which no longer names a file.
+            let new = if rest.as_os_str().is_empty() {
+                to.to_path_buf()
+            } else {
+                to.join(rest)
+            };
+            t.by_path.remove(&p);
+            t.by_path.insert(new.clone(), n);
+            t.paths[n as usize] = new;
+        }
+    }
+
     /// How many nodes exist (the root included).
     pub fn len(&self) -> usize {
         self.table
@@ -101,5 +141,15 @@ mod tests {
         assert_eq!(n.path(b).unwrap(), Path::new("a/b"));
         assert!(n.path(0).is_none() && n.path(99).is_none());
         assert_eq!(n.len(), 3);
+        n.rename(Path::new("a"), Path::new("x/y"));
+        assert_eq!(n.path(a).unwrap(), Path::new("x/y"));
+        assert_eq!(n.path(b).unwrap(), Path::new("x/y/b"));
+        assert_eq!(n.number(Path::new("x/y")), a);
+        n.forget_path(Path::new("x"));
+        assert_ne!(
+            n.number(Path::new("x/y")),
+            a,
+            "a deleted path's number is not reused"
+        );
     }
 }

@@ -32,7 +32,6 @@ pub fn lgetxattr(path: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
 }
 
 /// `lsetxattr(2)`.
-#[cfg(test)]
 pub fn lsetxattr(path: &Path, name: &OsStr, value: &[u8]) -> io::Result<()> {
     let (p, n) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
     // SAFETY: `value` is valid for reads of its length; both strings are NUL-terminated.
@@ -69,4 +68,14 @@ pub fn llistxattr(path: &Path) -> io::Result<Vec<u8>> {
         }
         return Err(e);
     }
+}
+
+/// `lremovexattr(2)`.
+pub fn lremovexattr(path: &Path, name: &OsStr) -> io::Result<()> {
+    let (p, n) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
+    // SAFETY: both strings are NUL-terminated.
+    if unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -341,32 +341,37 @@ fn fuse_mounted(at: &Path) -> bool {
 }
 
 fn mount_fuse(a: cli::MountArgs) -> Result<()> {
-    if a.upper.is_some() {
-        bail!(
-            "strata's FUSE filesystem serves read-only unions so far (copy-up and whiteouts are the next step): drop --upper/--work, or mount with kernel overlay"
-        );
-    }
     let lowers = split_paths(&a.lower);
     if lowers.is_empty() {
         bail!("--lower needs at least one layer");
     }
-    for l in &lowers {
+    for l in lowers.iter().chain(a.upper.iter()).chain(a.work.iter()) {
         if !l.is_dir() {
-            bail!("lower layer {} is not a directory", l.display());
+            bail!("layer {} is not a directory", l.display());
         }
     }
     if a.foreground {
-        let stack = strata_fuse::layer::Stack::new(
-            lowers
-                .into_iter()
-                .map(|root| strata_fuse::layer::Layer {
-                    root,
-                    kind: strata_fuse::layer::LayerKind::Lower,
-                })
-                .collect(),
-        );
-        let config = strata_fuse::fs::config(&a.fsname, a.threads);
-        return strata_fuse::fs::serve(strata_fuse::Union::new(stack), &a.merged, &config)
+        use strata_fuse::layer::{Layer, LayerKind, Stack};
+        let mut layers: Vec<Layer> = a
+            .upper
+            .iter()
+            .map(|root| Layer {
+                root: root.clone(),
+                kind: LayerKind::Upper,
+            })
+            .collect();
+        layers.extend(lowers.into_iter().map(|root| Layer {
+            root,
+            kind: LayerKind::Lower,
+        }));
+        let stack = Stack::new(layers);
+        let read_only = a.upper.is_none() || a.ro;
+        let union = match (&a.work, read_only) {
+            (Some(work), false) => strata_fuse::Union::writable(stack, work.clone()),
+            _ => strata_fuse::Union::new(stack),
+        };
+        let config = strata_fuse::fs::config(&a.fsname, a.threads, read_only);
+        return strata_fuse::fs::serve(union, &a.merged, &config)
             .with_context(|| format!("serving the FUSE mount on {}", a.merged.display()));
     }
     // Detach: the same command in the foreground, in a session of its own; this returns once

@@ -97,9 +97,14 @@ fn walk_fs(root: &Path, rel: &Path, out: &mut BTreeMap<PathBuf, (char, Option<u8
         if m.is_dir() {
             out.insert(p.clone(), ('d', None, mode));
             walk_fs(root, &p, out);
+        } else if m.file_type().is_symlink() {
+            let target = std::fs::read_link(root.join(&p)).unwrap();
+            let first = target.as_os_str().as_encoded_bytes().first().copied();
+            out.insert(p.clone(), ('l', first, mode));
         } else {
-            let first = std::fs::read(root.join(&p)).unwrap().first().copied();
-            out.insert(p.clone(), ('f', first, mode));
+            let data = std::fs::read(root.join(&p))
+                .unwrap_or_else(|e| panic!("reading {}: {e}", root.join(&p).display()));
+            out.insert(p.clone(), ('f', data.first().copied(), mode));
         }
     }
 }
@@ -125,11 +130,16 @@ fn walk_model(
     }
 }
 
+/// The property tests mount and unmount many filesystems; run one at a time, so a child a
+/// test forks (cp, setfattr) never holds a descriptor another test's unmount waits on.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
     fn the_model_merges_as_kernel_overlay_does(stack in prop::collection::vec(layer(), 2..4)) {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         assert!(nix::unistd::geteuid().is_root(), "this test mounts kernel overlay: run as root");
         let t = tempfile::tempdir_in("/var/tmp").unwrap();
         let roots: Vec<PathBuf> = (0..stack.len()).map(|i| t.path().join(format!("l{i}"))).collect();
@@ -147,14 +157,133 @@ proptest! {
         let s = Stack::new(roots.iter().map(|r| Layer { root: r.clone(), kind: LayerKind::Lower }).collect());
         let fuse_at = t.path().join("f");
         std::fs::create_dir(&fuse_at).unwrap();
-        let session = fuser::spawn_mount2(strata_fuse::Union::new(s.clone()), &fuse_at, &strata_fuse::fs::config("strata-test", 2)).unwrap();
+        let session = fuser::spawn_mount2(strata_fuse::Union::new(s.clone()), &fuse_at, &strata_fuse::fs::config("strata-test", 2, true)).unwrap();
         let mut fused = BTreeMap::new();
         walk_fs(&fuse_at, Path::new(""), &mut fused);
-        session.umount_and_join().unwrap();
+        strata_fuse::fs::ended(session.umount_and_join()).unwrap();
         prop_assert_eq!(&fused, &kernel, "FUSE view differs from kernel overlay");
         let Some(Resolved::Dir { layers, .. }) = s.root() else { panic!("no root") };
         let mut model = BTreeMap::new();
         walk_model(&s, &layers, Path::new(""), &mut model);
         prop_assert_eq!(model, kernel);
+    }
+}
+
+/// A change made through a mount.
+#[derive(Debug, Clone)]
+enum Op {
+    Write(String, u8),
+    Append(String, u8),
+    Mkdir(String),
+    Remove(String),
+    RemoveTree(String),
+    Rename(String, String),
+    Chmod(String, u32),
+    Symlink(String, String),
+    Truncate(String, u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (path(), any::<u8>()).prop_map(|(p, b)| Op::Write(p, b)),
+        1 => (path(), any::<u8>()).prop_map(|(p, b)| Op::Append(p, b)),
+        2 => path().prop_map(Op::Mkdir),
+        2 => path().prop_map(Op::Remove),
+        1 => path().prop_map(Op::RemoveTree),
+        2 => (path(), path()).prop_map(|(a, b)| Op::Rename(a, b)),
+        1 => (path(), prop::sample::select(vec![0o600u32, 0o755, 0o640])).prop_map(|(p, m)| Op::Chmod(p, m)),
+        1 => (path(), path()).prop_map(|(p, t)| Op::Symlink(p, t)),
+        1 => (path(), 0u64..3).prop_map(|(p, n)| Op::Truncate(p, n)),
+    ]
+}
+
+/// Applies `op` under `root`; the errno if it failed.
+fn apply(root: &Path, op: &Op) -> Option<i32> {
+    use std::io::Write;
+    let r = match op {
+        Op::Write(p, b) => std::fs::write(root.join(p), [*b]),
+        Op::Append(p, b) => std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join(p))
+            .and_then(|mut f| f.write_all(&[*b])),
+        Op::Mkdir(p) => std::fs::create_dir(root.join(p)),
+        Op::Remove(p) => std::fs::remove_file(root.join(p)),
+        Op::RemoveTree(p) => std::fs::remove_dir_all(root.join(p)),
+        Op::Rename(a, b) => std::fs::rename(root.join(a), root.join(b)),
+        Op::Chmod(p, m) => std::fs::set_permissions(
+            root.join(p),
+            std::os::unix::fs::PermissionsExt::from_mode(*m),
+        ),
+        Op::Symlink(p, t) => std::os::unix::fs::symlink(t, root.join(p)),
+        Op::Truncate(p, n) => std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join(p))
+            .and_then(|f| f.set_len(*n)),
+    };
+    r.err().map(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+/// Copies a tree as `cp -a` does (the lowers of the two mounts must not be shared).
+fn cp_a(from: &Path, to: &Path) {
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// The same changes through kernel overlay and through Strata's FUSE mount, on the same
+    /// lowers: each succeeds or fails alike, the merged views end equal, and the upper FUSE
+    /// wrote mounts under kernel overlay to that same view (one on-disk format).
+    #[test]
+    fn changes_through_fuse_match_kernel_overlay(stack in prop::collection::vec(layer(), 1..3), ops in prop::collection::vec(op(), 1..12)) {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(nix::unistd::geteuid().is_root(), "this test mounts kernel overlay: run as root");
+        let t = tempfile::tempdir_in("/var/tmp").unwrap();
+        let mk = |name: &str| { let p = t.path().join(name); std::fs::create_dir_all(&p).unwrap(); p };
+        let lowers: Vec<PathBuf> = (0..stack.len()).map(|i| t.path().join(format!("l{i}"))).collect();
+        for (r, items) in lowers.iter().zip(&stack) {
+            build(r, items);
+        }
+        // Kernel overlay, with its own upper.
+        let (ku, kw, km) = (mk("ku"), mk("kw"), mk("km"));
+        // redirect_dir=on, as Strata mounts it: the kernel then renames lower directories too,
+        // instead of answering EXDEV (FUSE never does).
+        let ov = Overlay { lowers: lowers.clone(), upper: Some(ku.clone()), work: Some(kw.clone()), options: Options { redirect_dir: true, index_off: true, ..Options::default() } };
+        ov.mount(&km).unwrap();
+        // FUSE, on copies of the same lowers, with its own upper.
+        let flowers: Vec<PathBuf> = lowers.iter().enumerate().map(|(i, l)| { let d = t.path().join(format!("fl{i}")); cp_a(l, &d); d }).collect();
+        let (fu, fw, fm) = (mk("fu"), mk("fw"), mk("fm"));
+        let mut layers = vec![Layer { root: fu.clone(), kind: LayerKind::Upper }];
+        layers.extend(flowers.iter().map(|r| Layer { root: r.clone(), kind: LayerKind::Lower }));
+        let session = fuser::spawn_mount2(strata_fuse::Union::writable(Stack::new(layers), fw.clone()), &fm, &strata_fuse::fs::config("strata-test", 2, false)).unwrap();
+        for o in &ops {
+            let (k, f) = (apply(&km, o), apply(&fm, o));
+            if std::env::var_os("STRATA_FUSE_TRACE").is_some() {
+                eprintln!("{o:?}: kernel {k:?} fuse {f:?}");
+            }
+            prop_assert_eq!(k, f, "{:?}: kernel and FUSE disagree", o);
+        }
+        let (mut kview, mut fview) = (BTreeMap::new(), BTreeMap::new());
+        walk_fs(&km, Path::new(""), &mut kview);
+        walk_fs(&fm, Path::new(""), &mut fview);
+        strata_fuse::fs::ended(session.umount_and_join()).unwrap();
+        unmount(&km, false).unwrap();
+        prop_assert_eq!(&fview, &kview, "merged views differ after {:?}", ops);
+        // FUSE's upper under kernel overlay.
+        let again = mk("again");
+        let mut all = vec![fu.clone()];
+        all.extend(flowers.iter().cloned());
+        Overlay { lowers: all, upper: None, work: None, options: Options { readonly: true, ..Options::default() } }.mount(&again).unwrap();
+        let mut kfview = BTreeMap::new();
+        walk_fs(&again, Path::new(""), &mut kfview);
+        unmount(&again, false).unwrap();
+        prop_assert_eq!(&kfview, &kview, "kernel overlay reads FUSE's upper differently");
     }
 }

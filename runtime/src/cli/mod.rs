@@ -476,7 +476,7 @@ pub struct MountArgs {
     /// Read-only.
     #[arg(long)]
     pub ro: bool,
-    /// Mount with Strata's FUSE filesystem instead of kernel overlay (read-only so far).
+    /// Mount with Strata's FUSE filesystem instead of kernel overlay.
     #[arg(long)]
     pub fuse: bool,
     /// With --fuse: stay in the foreground serving requests (otherwise the server detaches

@@ -383,10 +383,10 @@ fn rootless_apply_and_userxattr_mount_as_nobody() {
     assert_eq!(std::fs::read(d.join("u/etc/g")).unwrap(), b"new\n");
 }
 
-/// `strata mount --fuse`: the read-only union through Strata's FUSE filesystem, detached and
-/// live when the command returns, as root and as uid 65534 (through fusermount3).
+/// `strata mount --fuse`: unions through Strata's FUSE filesystem, read-only and writable,
+/// detached and live when the command returns, as root and as uid 65534 (through fusermount3).
 #[test]
-fn fuse_mount_serves_a_read_only_union() {
+fn fuse_mount_serves_unions() {
     require_root();
     let t = scratch();
     let d = t.path();
@@ -427,14 +427,41 @@ fn fuse_mount_serves_a_read_only_union() {
     );
     ok(strata().arg("umount").arg(d.join("m")));
     assert!(!d.join("m/d").exists(), "unmounted");
-    // Refused clearly: writable unions (not yet), missing layers.
-    let out = run(strata()
+    // Writable: changes land in the upper in overlayfs' form, which kernel overlay then reads.
+    for dir in ["u", "w"] {
+        std::fs::create_dir(d.join(dir)).unwrap();
+    }
+    ok(strata()
         .args(["mount", "--fuse", "--lower", &lower, "--upper"])
         .arg(d.join("u"))
         .arg("--work")
         .arg(d.join("w"))
         .arg(d.join("m")));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only unions so far"));
+    std::fs::write(d.join("m/d/new"), "made").unwrap();
+    std::fs::remove_file(d.join("m/d/a")).unwrap();
+    ok(strata().arg("umount").arg(d.join("m")));
+    assert!(
+        std::fs::symlink_metadata(d.join("u/d/a"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert_eq!(std::fs::read_to_string(d.join("u/d/new")).unwrap(), "made");
+    let all = format!("{}:{lower}", d.join("u").display());
+    ok(strata()
+        .args(["mount", "--ro", "--lower", &all])
+        .arg(d.join("m")));
+    let names: Vec<String> = std::fs::read_dir(d.join("m/d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    // (The lower's `.wh.b` is the OCI form, which only FUSE reads: kernel overlay shows b.)
+    assert!(
+        names.contains(&"new".to_string()) && !names.contains(&"a".to_string()),
+        "kernel overlay reads the FUSE upper's file and whiteout: {names:?}"
+    );
+    ok(strata().arg("umount").arg(d.join("m")));
+    // Refused clearly: missing layers.
     let out = run(strata()
         .args(["mount", "--fuse", "--lower", "/no/such/layer"])
         .arg(d.join("m")));

@@ -1,0 +1,262 @@
+//! The union's changes, as overlayfs makes them, each a function returning `Result<_, Errno>`
+//! (the glue in `fs` only replies):
+//!
+//! - **copy-up**: before a lower entry is changed, it is copied into the upper: parents first
+//!   (directories with their owner, mode, times and xattrs), then the entry itself, built in the
+//!   work dir and renamed into place, so a crash never leaves half a file visible; data moves
+//!   with `copy_file_range` (a reflink where the filesystem has them);
+//! - **deletion** of a name a lower layer still shows writes a whiteout (char 0:0; where the
+//!   caller may not make devices, the `.wh.NAME` form);
+//! - a directory made where a whiteout was is **opaque**, so the lower one stays hidden;
+//! - **rename** of a directory from a lower layer copies the merged tree up and marks it
+//!   opaque (so renames never fail with EXDEV, and the result reads the same under kernel
+//!   overlay), then whites out the old name.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fuser::Errno;
+use nix::sys::stat::{Mode, SFlag};
+use strata_overlay::whiteout::{OPAQUE_VALUE, WHITEOUT_PREFIX, XattrNs, is_overlay_xattr};
+
+use crate::layer::{Resolved, Stack};
+
+pub(crate) fn errno(e: std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn nix_errno(e: nix::Error) -> Errno {
+    Errno::from_i32(e as i32)
+}
+
+/// The writable side of a union: its upper and work dirs.
+pub struct Upper {
+    /// The upper layer's root (layer 0 of the stack).
+    pub root: PathBuf,
+    /// The work dir, on the upper's filesystem.
+    pub work: PathBuf,
+    /// Where opaque markers go: `trusted.` as root, `user.` otherwise.
+    pub ns: XattrNs,
+    counter: AtomicU64,
+}
+
+impl Upper {
+    /// The upper `root` with its `work` dir.
+    pub fn new(root: PathBuf, work: PathBuf) -> Upper {
+        let ns = if nix::unistd::geteuid().is_root() {
+            XattrNs::Trusted
+        } else {
+            XattrNs::User
+        };
+        Upper {
+            root,
+            work,
+            ns,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn tmp(&self) -> PathBuf {
+        self.work.join(format!(
+            "#strata-{}-{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+}
+
+/// Copies owner, xattrs (overlay's own excepted), mode and times of `src` (with `st`) to `dst`.
+fn copy_meta(src: &Path, dst: &Path, st: &std::fs::Metadata) -> Result<(), Errno> {
+    let _ = std::os::unix::fs::lchown(dst, Some(st.uid()), Some(st.gid()));
+    if let Ok(list) = crate::sys::llistxattr(src) {
+        for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if is_overlay_xattr(name) {
+                continue;
+            }
+            let n = OsStr::from_bytes(name);
+            if let Ok(v) = crate::sys::lgetxattr(src, n) {
+                let _ = crate::sys::lsetxattr(dst, n, &v);
+            }
+        }
+    }
+    if !st.file_type().is_symlink() {
+        std::fs::set_permissions(
+            dst,
+            std::os::unix::fs::PermissionsExt::from_mode(st.mode() & 0o7777),
+        )
+        .map_err(errno)?;
+    }
+    let t = |s: i64, ns: i64| nix::sys::time::TimeSpec::new(s, ns);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        dst,
+        &t(st.atime(), st.atime_nsec()),
+        &t(st.mtime(), st.mtime_nsec()),
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(nix_errno)
+}
+
+/// Copies the data of regular file `src` into the new file `dst`.
+fn copy_data(src: &Path, dst: &Path) -> Result<(), Errno> {
+    let mut s = std::fs::File::open(src).map_err(errno)?;
+    let mut d = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(errno)?;
+    // std::io::copy uses copy_file_range on Linux for file-to-file copies.
+    std::io::copy(&mut s, &mut d).map_err(errno)?;
+    Ok(())
+}
+
+impl Upper {
+    /// Makes every directory of `rel` (a path in the merged view) exist in the upper,
+    /// copying each one's metadata from the layer that shows it.
+    pub fn ensure_dir(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
+        let mut at = PathBuf::new();
+        for comp in rel.components() {
+            at.push(comp);
+            let here = self.root.join(&at);
+            if std::fs::symlink_metadata(&here).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            let r = stack.resolve(&at).ok_or(Errno::ENOENT)?;
+            let Resolved::Dir { .. } = r else {
+                return Err(Errno::ENOTDIR);
+            };
+            let src = stack.path(r.layer(), &at);
+            let meta = std::fs::symlink_metadata(&src).map_err(errno)?;
+            let tmp = self.tmp();
+            std::fs::create_dir(&tmp).map_err(errno)?;
+            copy_meta(&src, &tmp, &meta)?;
+            std::fs::rename(&tmp, &here).map_err(|e| {
+                let _ = std::fs::remove_dir(&tmp);
+                errno(e)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Copies `rel` up into the upper if it is not there yet (directories: the directory
+    /// itself, not its contents).
+    pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
+        let r = stack.resolve(rel).ok_or(Errno::ENOENT)?;
+        if r.layer() == 0 {
+            return Ok(());
+        }
+        if let Resolved::Dir { .. } = r {
+            return self.ensure_dir(stack, rel);
+        }
+        if let Some(p) = rel.parent() {
+            self.ensure_dir(stack, p)?;
+        }
+        let src = stack.path(r.layer(), rel);
+        let meta = std::fs::symlink_metadata(&src).map_err(errno)?;
+        let tmp = self.tmp();
+        let ft = meta.file_type();
+        let made = (|| {
+            if ft.is_file() {
+                copy_data(&src, &tmp)?;
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(&src).map_err(errno)?;
+                std::os::unix::fs::symlink(target, &tmp).map_err(errno)?;
+            } else {
+                nix::sys::stat::mknod(
+                    &tmp,
+                    SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT),
+                    Mode::from_bits_truncate(meta.mode() & 0o7777),
+                    meta.rdev(),
+                )
+                .map_err(nix_errno)?;
+            }
+            copy_meta(&src, &tmp, &meta)?;
+            std::fs::rename(&tmp, self.root.join(rel)).map_err(errno)
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        made
+    }
+
+    /// Copies the whole merged tree at `rel` (a directory) into the upper and marks the upper
+    /// copy opaque: it is complete, nothing below may show through it any more.
+    pub fn copy_up_tree(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
+        self.copy_up(stack, rel)?;
+        let Some(Resolved::Dir { layers, .. }) = stack.resolve(rel) else {
+            return Err(Errno::ENOTDIR);
+        };
+        for (name, e) in stack.read_dir(&layers, rel).map_err(errno)? {
+            let child = rel.join(&name);
+            if e.kind == libc::S_IFDIR {
+                self.copy_up_tree(stack, &child)?;
+            } else {
+                self.copy_up(stack, &child)?;
+            }
+        }
+        self.set_opaque(&self.root.join(rel))
+    }
+
+    /// Marks an upper directory opaque.
+    pub fn set_opaque(&self, dir: &Path) -> Result<(), Errno> {
+        let name = OsStr::from_bytes(self.ns.opaque().to_bytes());
+        crate::sys::lsetxattr(dir, name, OPAQUE_VALUE).map_err(errno)
+    }
+
+    /// Removes a whiteout for `rel` from the upper (either form); true if there was one.
+    pub fn clear_whiteout(&self, rel: &Path) -> Result<bool, Errno> {
+        let here = self.root.join(rel);
+        let mut had = false;
+        if let Ok(m) = std::fs::symlink_metadata(&here) {
+            if m.file_type().is_char_device() && m.rdev() == 0 {
+                std::fs::remove_file(&here).map_err(errno)?;
+                had = true;
+            }
+        }
+        let name = rel.file_name().ok_or(Errno::EINVAL)?;
+        let mut wh = std::ffi::OsString::from(OsStr::from_bytes(WHITEOUT_PREFIX));
+        wh.push(name);
+        let oci = here.with_file_name(wh);
+        if std::fs::symlink_metadata(&oci).is_ok() {
+            std::fs::remove_file(&oci).map_err(errno)?;
+            had = true;
+        }
+        Ok(had)
+    }
+
+    /// Writes a whiteout for `rel` in the upper (its parent must exist there).
+    pub fn whiteout(&self, rel: &Path) -> Result<(), Errno> {
+        let here = self.root.join(rel);
+        match nix::sys::stat::mknod(&here, SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), 0) {
+            Ok(()) => Ok(()),
+            // Not allowed to make devices: the OCI form, which this filesystem reads as well.
+            Err(nix::errno::Errno::EPERM) => {
+                let name = rel.file_name().ok_or(Errno::EINVAL)?;
+                let mut wh = std::ffi::OsString::from(OsStr::from_bytes(WHITEOUT_PREFIX));
+                wh.push(name);
+                std::fs::write(here.with_file_name(wh), b"").map_err(errno)
+            }
+            Err(e) => Err(nix_errno(e)),
+        }
+    }
+
+    /// Removes an upper directory that holds nothing but whiteouts and markers.
+    pub fn remove_dir(&self, dir: &Path) -> Result<(), Errno> {
+        for e in std::fs::read_dir(dir).map_err(errno)? {
+            let e = e.map_err(errno)?;
+            let p = e.path();
+            let ft = e.file_type().map_err(errno)?;
+            if ft.is_dir() {
+                self.remove_dir(&p)?;
+            } else {
+                std::fs::remove_file(&p).map_err(errno)?;
+            }
+        }
+        std::fs::remove_dir(dir).map_err(errno)
+    }
+}
+
+use std::os::unix::fs::FileTypeExt;
