@@ -26,6 +26,20 @@ fn main() {
             Path::new(&args[2]),
         ));
     }
+    // Called as `strata-fuse` (a link to this binary): fuse-overlayfs' command line, so
+    // Podman's `mount_program` and containerd's `fuse3.` mount helpers can use it.
+    let prog = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if prog == "strata-fuse" {
+        if let Err(e) = fuse_overlayfs_compat(&args[1..]) {
+            eprintln!("strata-fuse: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     // A server (the snapshotter, a FUSE mount) must not die of a closed connection or of its
     // starter closing the pipe of its stderr: only the CLI's own output commands end quietly
@@ -376,8 +390,29 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
     }
     // Detach: the same command in the foreground, in a session of its own; this returns once
     // the mount is live, or with the server's error.
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    args.push("--foreground".into());
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "mount".into(),
+        "--fuse".into(),
+        "--foreground".into(),
+        "--lower".into(),
+        a.lower.clone().into(),
+        "--fsname".into(),
+        a.fsname.clone().into(),
+        "--threads".into(),
+        a.threads.to_string().into(),
+    ];
+    if let (Some(u), Some(w)) = (&a.upper, &a.work) {
+        args.extend([
+            "--upper".into(),
+            u.clone().into(),
+            "--work".into(),
+            w.clone().into(),
+        ]);
+    }
+    if a.ro {
+        args.push("--ro".into());
+    }
+    args.push(a.merged.clone().into());
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(&args)
         .process_group(0)
@@ -410,6 +445,83 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// `strata-fuse [-f] [-d] -o lowerdir=A:B[,upperdir=U,workdir=W][,fsname=N][,...] MERGED`:
+/// fuse-overlayfs' command line. Relative layer paths are taken from the current directory;
+/// options it does not need (allow_other, default_permissions, squash_to_root, ...) are
+/// accepted and ignored, as FUSE mount options are set here anyway.
+fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
+    let (mut foreground, mut opts, mut merged) = (false, Vec::new(), None);
+    let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-f" | "-d" | "--foreground" => foreground = true,
+            "-o" => opts.extend(
+                it.next()
+                    .context("-o needs options")?
+                    .split(',')
+                    .map(String::from)
+                    .collect::<Vec<_>>(),
+            ),
+            o if o.starts_with("-o") => opts.extend(o[2..].split(',').map(String::from)),
+            "-h" | "--help" => {
+                println!(
+                    "usage: strata-fuse [-f] -o lowerdir=A:B[,upperdir=U,workdir=W][,fsname=N] MERGED"
+                );
+                return Ok(());
+            }
+            "-V" | "--version" => {
+                println!("strata-fuse {}", env!("CARGO_PKG_VERSION"));
+                return Ok(());
+            }
+            o if o.starts_with('-') => bail!("unknown option {o}"),
+            m => merged = Some(PathBuf::from(m)),
+        }
+    }
+    let cwd = std::env::current_dir()?;
+    let abs = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            cwd.join(p)
+        }
+    };
+    let (mut lower, mut upper, mut work, mut fsname) =
+        (None, None, None, "fuse-overlayfs".to_string());
+    for o in opts {
+        match o.split_once('=') {
+            Some(("lowerdir", v)) => {
+                lower = Some(
+                    v.split(':')
+                        .filter(|p| !p.is_empty())
+                        .map(|p| abs(p).to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                )
+            }
+            Some(("upperdir", v)) => upper = Some(abs(v)),
+            Some(("workdir", v)) => work = Some(abs(v)),
+            Some(("fsname", v)) => fsname = v.to_string(),
+            _ => {}
+        }
+    }
+    let merged = merged.context("no mount point given")?;
+    mount(cli::MountArgs {
+        lower: lower.context("no lowerdir= given")?,
+        work: work.filter(|_| upper.is_some()),
+        upper,
+        merged: abs(&merged.to_string_lossy()),
+        userxattr: false,
+        compat: false,
+        volatile: false,
+        ro: false,
+        fuse: true,
+        foreground,
+        fsname,
+        threads: 4,
+    })
 }
 
 fn mount(a: cli::MountArgs) -> Result<()> {

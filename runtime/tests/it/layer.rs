@@ -494,3 +494,46 @@ fn fuse_mount_serves_unions() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `strata-fuse`, fuse-overlayfs' command line (a link to the binary): relative layers from the
+/// start dir, read-only without upperdir, unknown options ignored, live when it returns.
+#[test]
+fn strata_fuse_takes_fuse_overlayfs_arguments() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    for p in ["l/d", "u", "w", "m"] {
+        std::fs::create_dir_all(d.join(p)).unwrap();
+    }
+    std::fs::write(d.join("l/d/f"), "lower").unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_strata"), d.join("strata-fuse")).unwrap();
+    let fo = || {
+        let mut c = Command::new(d.join("strata-fuse"));
+        c.current_dir(d);
+        c
+    };
+    ok(fo().args([
+        "-o",
+        "lowerdir=l,upperdir=u,workdir=w,allow_other,squash_to_root",
+        "m",
+    ]));
+    assert_eq!(std::fs::read_to_string(d.join("m/d/f")).unwrap(), "lower");
+    std::fs::write(d.join("m/d/f"), "changed").unwrap();
+    ok(Command::new("umount").arg(d.join("m")));
+    assert_eq!(std::fs::read_to_string(d.join("u/d/f")).unwrap(), "changed");
+    assert_eq!(
+        std::fs::read_to_string(d.join("l/d/f")).unwrap(),
+        "lower",
+        "lowers untouched"
+    );
+    ok(fo().args(["-o", "lowerdir=u:l", "m"]));
+    let err = std::fs::write(d.join("m/x"), "x").unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EROFS),
+        "read-only without upperdir"
+    );
+    ok(Command::new("umount").arg(d.join("m")));
+    let out = run(fo().arg("m"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lowerdir"));
+}
