@@ -31,6 +31,19 @@ use crate::node::Nodes;
 /// mount, so a second is safe and saves most repeated lookups.
 const TTL: Duration = Duration::from_secs(1);
 
+/// Directories kept resolved at most (the cache is dropped whole beyond; memory stays bounded).
+const DIR_CACHE: usize = 65_536;
+
+/// A change in progress (see [`Union::upper`]).
+struct Writing<'a>(&'a Union);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.generation.fetch_add(1, Ordering::SeqCst);
+        self.0.writers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What an open handle refers to.
 enum Handle {
     File(Arc<File>),
@@ -41,6 +54,10 @@ enum Handle {
 /// The union filesystem served over FUSE.
 pub struct Union {
     stack: Stack,
+    /// Resolved directories, with the generation they were resolved in.
+    dirs: std::sync::RwLock<HashMap<PathBuf, (u64, Resolved)>>,
+    generation: AtomicU64,
+    writers: AtomicU64,
     upper: Option<crate::ops::Upper>,
     nodes: Nodes,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -94,6 +111,9 @@ impl Union {
     pub fn new(stack: Stack) -> Union {
         Union {
             stack,
+            dirs: Default::default(),
+            generation: AtomicU64::new(0),
+            writers: AtomicU64::new(0),
             upper: None,
             nodes: Nodes::new(),
             handles: Mutex::new(HashMap::new()),
@@ -110,8 +130,12 @@ impl Union {
         u
     }
 
-    fn upper(&self) -> Result<&crate::ops::Upper, Errno> {
-        self.upper.as_ref().ok_or(Errno::EROFS)
+    /// The upper, for a change: while the returned guard lives the directory cache is not
+    /// used, and when it drops the cache is invalidated.
+    fn upper(&self) -> Result<(&crate::ops::Upper, Writing<'_>), Errno> {
+        let up = self.upper.as_ref().ok_or(Errno::EROFS)?;
+        self.writers.fetch_add(1, Ordering::SeqCst);
+        Ok((up, Writing(self)))
     }
 
     /// The path of `name` in directory node `parent`, which must be a directory.
@@ -129,7 +153,7 @@ impl Union {
     /// Prepares a new name in the upper: it must not exist in the merged view; its parent is
     /// copied up; a whiteout there is removed (true if there was one).
     fn new_name(&self, parent: u64, name: &OsStr) -> Result<(PathBuf, bool), Errno> {
-        let up = self.upper()?;
+        let (up, _writing) = self.upper()?;
         let rel = self.child(parent, name)?;
         if self.stack.resolve(&rel).is_some() {
             return Err(Errno::EEXIST);
@@ -157,7 +181,30 @@ impl Union {
     /// The merged view's entry for node `ino`: its path and what it is now.
     fn resolve(&self, ino: u64) -> Result<(PathBuf, Resolved), Errno> {
         let path = self.nodes.path(ino).ok_or(Errno::ESTALE)?;
+        // Directories are resolved often (every lookup resolves its parent): they are cached
+        // until the next change through this mount (the lowers never change under it).
+        let at_gen = self.generation.load(Ordering::SeqCst);
+        let usable = self.writers.load(Ordering::SeqCst) == 0;
+        if usable {
+            if let Some((g, r)) = self
+                .dirs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&path)
+            {
+                if *g == at_gen {
+                    return Ok((path, r.clone()));
+                }
+            }
+        }
         let r = self.stack.resolve(&path).ok_or(Errno::ENOENT)?;
+        if usable && matches!(r, Resolved::Dir { .. }) && self.writers.load(Ordering::SeqCst) == 0 {
+            let mut c = self.dirs.write().unwrap_or_else(|p| p.into_inner());
+            if c.len() > DIR_CACHE {
+                c.clear();
+            }
+            c.insert(path.clone(), (at_gen, r.clone()));
+        }
         Ok((path, r))
     }
 
@@ -274,7 +321,7 @@ impl fuser::Filesystem for Union {
             let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
             let trunc = flags.0 & libc::O_TRUNC != 0;
             let real = if write || trunc {
-                let up = self.upper()?;
+                let (up, _writing) = self.upper()?;
                 up.copy_up(&self.stack, &path)?;
                 up.root.join(&path)
             } else {
@@ -360,7 +407,7 @@ impl fuser::Filesystem for Union {
         reply: ReplyAttr,
     ) {
         let r = (|| {
-            let up = self.upper()?;
+            let (up, _writing) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
             up.copy_up(&self.stack, &path)?;
             let real = up.root.join(&path);
@@ -425,7 +472,8 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             let (rel, _) = self.new_name(parent.0, name)?;
-            let real = self.upper()?.root.join(&rel);
+            let (up, _writing) = self.upper()?;
+            let real = up.root.join(&rel);
             nix::sys::stat::mknod(
                 &real,
                 nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT),
@@ -453,7 +501,7 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             let (rel, had_whiteout) = self.new_name(parent.0, name)?;
-            let up = self.upper()?;
+            let (up, _writing) = self.upper()?;
             let real = up.root.join(&rel);
             std::fs::create_dir(&real).map_err(errno)?;
             std::fs::set_permissions(
@@ -476,7 +524,7 @@ impl fuser::Filesystem for Union {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = (|| {
-            let up = self.upper()?;
+            let (up, _writing) = self.upper()?;
             let rel = self.child(parent.0, name)?;
             let r = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?;
             if let Resolved::Dir { .. } = r {
@@ -502,7 +550,7 @@ impl fuser::Filesystem for Union {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = (|| {
-            let up = self.upper()?;
+            let (up, _writing) = self.upper()?;
             let rel = self.child(parent.0, name)?;
             let Resolved::Dir { layers, .. } = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?
             else {
@@ -544,7 +592,8 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             let (rel, _) = self.new_name(parent.0, link_name)?;
-            let real = self.upper()?.root.join(&rel);
+            let (up, _writing) = self.upper()?;
+            let real = up.root.join(&rel);
             std::os::unix::fs::symlink(target, &real).map_err(errno)?;
             self.own(req, &real);
             self.entry_of(&rel)
@@ -569,7 +618,7 @@ impl fuser::Filesystem for Union {
             if flags.contains(fuser::RenameFlags::RENAME_EXCHANGE) {
                 return Err(Errno::EINVAL);
             }
-            let up = self.upper()?;
+            let (up, _writing) = self.upper()?;
             let from = self.child(parent.0, name)?;
             let to = self.child(newparent.0, newname)?;
             let src = self.stack.resolve(&from).ok_or(Errno::ENOENT)?;
@@ -639,7 +688,7 @@ impl fuser::Filesystem for Union {
         reply: ReplyEntry,
     ) {
         let r = (|| {
-            let up = self.upper()?;
+            let (up, _writing) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
             up.copy_up(&self.stack, &path)?;
             let (rel, _) = self.new_name(newparent.0, newname)?;
@@ -666,7 +715,8 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             let (rel, _) = self.new_name(parent.0, name)?;
-            let real = self.upper()?.root.join(&rel);
+            let (up, _writing) = self.upper()?;
+            let real = up.root.join(&rel);
             let mut o = std::fs::OpenOptions::new();
             o.read(flags & libc::O_ACCMODE != libc::O_WRONLY)
                 .write(true)
@@ -740,7 +790,7 @@ impl fuser::Filesystem for Union {
             if is_overlay_xattr(name.as_bytes()) {
                 return Err(Errno::EPERM);
             }
-            let up = self.upper()?;
+            let (up, _writing) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
             up.copy_up(&self.stack, &path)?;
             crate::sys::lsetxattr(&up.root.join(&path), name, value).map_err(errno)
@@ -756,7 +806,7 @@ impl fuser::Filesystem for Union {
             if is_overlay_xattr(name.as_bytes()) {
                 return Err(Errno::EPERM);
             }
-            let up = self.upper()?;
+            let (up, _writing) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
             up.copy_up(&self.stack, &path)?;
             crate::sys::lremovexattr(&up.root.join(&path), name).map_err(errno)
