@@ -190,8 +190,11 @@ pub fn ps(root: &Path, all: bool, quiet: bool, size: bool) -> Result<()> {
     let mut list = container::list(root)?;
     list.reverse();
     for c in list {
-        let cfg = c.config()?;
-        if !all && c.status()? != Status::Running {
+        // A container removed meanwhile (a --rm one ending) is simply not listed.
+        let (Ok(cfg), Ok(status)) = (c.config(), c.status()) else {
+            continue;
+        };
+        if !all && status != Status::Running {
             continue;
         }
         let mut cmd = container::strings_of(&cfg["Args"]).join(" ");
@@ -203,7 +206,7 @@ pub fn ps(root: &Path, all: bool, quiet: bool, size: bool) -> Result<()> {
             cfg["Image"].as_str().unwrap_or_default().to_string(),
             format!("\"{cmd}\""),
             ago(cfg["Created"].as_str()),
-            status_text(&c)?,
+            status_text(&c).unwrap_or_else(|_| "Removing".into()),
             c.name(),
         ];
         if size {
@@ -530,7 +533,7 @@ fn usage(root: &Path, images: &mut Images) -> Result<Usage> {
     for c in &conts {
         let s = container::commit::rw_size(images, c).unwrap_or(0);
         csize += s;
-        if c.status()? == Status::Running {
+        if c.status().is_ok_and(|s| s == Status::Running) {
             running += 1;
         } else {
             creclaim += s;
