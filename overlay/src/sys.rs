@@ -161,26 +161,7 @@ pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 /// Sets atime and mtime to `(sec, nsec)` without following a symlink: `utimensat(2)` with
 /// `AT_SYMLINK_NOFOLLOW` on `name`, or `futimens(3)` on `dir` itself when `name` is empty.
 pub fn lutimesat(dir: BorrowedFd<'_>, name: &CStr, sec: i64, nsec: u32) -> io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: sec,
-        tv_nsec: nsec as _,
-    };
-    let times = [ts, ts];
-    let r = if name.is_empty() {
-        // SAFETY: `times` holds the two timespecs futimens requires.
-        unsafe { libc::futimens(dir.as_raw_fd(), times.as_ptr()) }
-    } else {
-        // SAFETY: as above; `name` is NUL-terminated.
-        unsafe {
-            libc::utimensat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                times.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        }
-    };
-    cvt(r).map(drop)
+    lutimes2(dir, name, (sec, nsec), (sec, nsec))
 }
 
 /// `syncfs(2)`.

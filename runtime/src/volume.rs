@@ -61,12 +61,7 @@ fn dir(root: &Path) -> PathBuf {
 
 /// Checks a volume name as Docker does: `[a-zA-Z0-9][a-zA-Z0-9_.-]+`.
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = name.len() >= 2
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok {
+    if crate::container::create::is_docker_name(name) && name.len() >= 2 {
         Ok(())
     } else {
         Err(Error::Invalid(format!(

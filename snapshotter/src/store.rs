@@ -520,17 +520,7 @@ impl Snapshotter {
         }
         let parent_id = match parent.filter(|p| !p.is_empty()) {
             None => row.parent_id,
-            Some(p) => {
-                let prow = meta::get(&tx, p)?.ok_or_else(|| {
-                    Error::NotFound(format!("parent snapshot {p:?} does not exist"))
-                })?;
-                if prow.kind != Kind::Committed {
-                    return Err(Error::InvalidArgument(format!(
-                        "parent {p:?} is not a committed snapshot"
-                    )));
-                }
-                Some(prow.id)
-            }
+            Some(p) => self.committed_parent(&tx, p)?,
         };
         meta::commit(
             &tx,
