@@ -11,9 +11,10 @@ fi
 
 # Real tools the tests run: umoci and skopeo (image interop), GNU tar (sparse archives, bench
 # reference), attr (getfattr), kmod (overlay module), containerd + runc (the proxy-plugin
-# end-to-end test), busybox-static (the test image's userland). The conformance suite's own
+# end-to-end test), busybox-static (the test image's userland), fuse3 (fusermount3 for
+# rootless FUSE mounts). The conformance suite's own
 # setup installs Go and containerd's sources.
-packages=(umoci skopeo tar attr kmod containerd runc busybox-static)
+packages=(umoci skopeo tar attr kmod containerd runc busybox-static fuse3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
