@@ -12,9 +12,10 @@ fi
 # Real tools the tests run: umoci and skopeo (image interop), GNU tar (sparse archives, bench
 # reference), attr (getfattr), kmod (overlay module), containerd + runc (the proxy-plugin
 # end-to-end test), busybox-static (the test image's userland), fuse3 (fusermount3 for
-# rootless FUSE mounts). The conformance suite's own
+# rootless FUSE mounts), fuse-overlayfs (the FUSE peer; the snapshotter's FUSE-mode tests use it
+# as a mount helper). The conformance suite's own
 # setup installs Go and containerd's sources.
-packages=(umoci skopeo tar attr kmod containerd runc busybox-static fuse3)
+packages=(umoci skopeo tar attr kmod containerd runc busybox-static fuse3 fuse-overlayfs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,5 +53,8 @@ if [ ! -x "$shared/conformance/run.sh" ]; then
 fi
 export CONFORMANCE_BUILD="$PWD/target/conformance"
 bash "$shared/conformance/setup.sh"
-(umask 022 && bash "$shared/conformance/run.sh" proxy \
+(umask 022 && CONFORMANCE_STRICT_SHUTDOWN=1 bash "$shared/conformance/run.sh" proxy \
   --server "$PWD/target/release/strata snapshotter serve --root {root} --address {socket}")
+echo "== the same suite against strata snapshotter serve --mode fuse (Strata's FUSE unions)"
+(umask 022 && CONFORMANCE_STRICT_SHUTDOWN=1 bash "$shared/conformance/run.sh" proxy \
+  --server "$PWD/target/release/strata snapshotter serve --mode fuse --root {root} --address {socket}")

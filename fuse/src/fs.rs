@@ -953,7 +953,20 @@ pub fn config(fsname: &str, threads: usize, read_only: bool) -> fuser::Config {
 
 /// Serves `union` at `mountpoint` until it is unmounted (`umount`, `fusermount3 -u`).
 pub fn serve(union: Union, mountpoint: &Path, config: &fuser::Config) -> std::io::Result<()> {
-    ended(fuser::mount2(union, mountpoint, config))
+    serve_with(union, mountpoint, config, || {})
+}
+
+/// [`serve`], calling `mounted` once the mount exists (before any request is answered): a
+/// detached server lets go of its starter there.
+pub fn serve_with(
+    union: Union,
+    mountpoint: &Path,
+    config: &fuser::Config,
+    mounted: impl FnOnce(),
+) -> std::io::Result<()> {
+    let session = fuser::spawn_mount2(union, mountpoint, config)?;
+    mounted();
+    ended(session.join())
 }
 
 /// A session's end: with several threads, the kernel aborts the connection of the ones still

@@ -10,11 +10,13 @@
 //! - [`node`]: the inode table (stable numbers per path for the mount's lifetime).
 //! - [`ops`]: the upper's changes: copy-up through the work dir, whiteouts, opaque dirs.
 //! - [`fs`]: the `fuser::Filesystem` glue (read-only without an upper).
+//! - [`mounts`]: finding and unmounting FUSE mounts (with `fusermount3` when unprivileged).
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
 #![deny(unsafe_code)]
 
 pub mod fs;
 pub mod layer;
+pub mod mounts;
 pub mod node;
 pub mod ops;
 mod sys;

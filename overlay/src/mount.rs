@@ -6,6 +6,7 @@
 //! so hundreds of layers mount without the one-page limit of the old option string. The
 //! kernel's own messages from the filesystem context are part of every mount error.
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result, sys};
@@ -284,6 +285,80 @@ pub fn unmount(target: &Path, detach: bool) -> Result<()> {
     })
 }
 
+/// One mount of this process's mount namespace, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountPoint {
+    /// Where it is mounted.
+    pub target: PathBuf,
+    /// Filesystem type, such as `overlay` or `fuse.strata`.
+    pub fstype: String,
+}
+
+/// The mounts of this process's mount namespace, in mount order.
+pub fn mount_table() -> Result<Vec<MountPoint>> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// Parses mountinfo lines (`ID PARENT MAJ:MIN ROOT TARGET OPTS [TAGS] - FSTYPE SOURCE SUPER`);
+/// the kernel escapes space, tab, newline and backslash in paths as `\ooo`.
+fn parse_mountinfo(text: &str) -> Vec<MountPoint> {
+    text.lines()
+        .filter_map(|l| {
+            let target = l.split(' ').nth(4)?;
+            let fstype = l.split(" - ").nth(1)?.split(' ').next()?;
+            Some(MountPoint {
+                target: PathBuf::from(std::ffi::OsString::from_vec(unescape(target))),
+                fstype: fstype.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Whether `path` is itself a mount point whose type starts with `fstype_prefix`.
+pub fn is_mount_point(path: &Path, fstype_prefix: &str) -> Result<bool> {
+    let want = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    Ok(mount_table()?
+        .iter()
+        .any(|m| m.target == want && m.fstype.starts_with(fstype_prefix)))
+}
+
+/// The mount points strictly below `dir`, deepest first (the order to unmount them in).
+pub fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mut below: Vec<PathBuf> = mount_table()?
+        .into_iter()
+        .map(|m| m.target)
+        .filter(|t| t != &dir && t.starts_with(&dir))
+        .collect();
+    below.sort_by_key(|t| std::cmp::Reverse(t.components().count()));
+    below.dedup();
+    Ok(below)
+}
+
 /// A position in the kernel log (`/dev/kmsg`), to collect what overlayfs logs during a mount:
 /// most of its refusals go there (`pr_err`) rather than into the filesystem context.
 struct KernelLog(Option<std::fs::File>);
@@ -333,6 +408,28 @@ impl KernelLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse_with_escapes() {
+        let text = "36 35 98:0 /mnt1 /mnt\\040two rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+                    40 36 0:45 / /var/x rw shared:2 master:3 - fuse.strata strata rw\n\
+                    garbage\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(
+            m,
+            vec![
+                MountPoint {
+                    target: "/mnt two".into(),
+                    fstype: "ext3".into()
+                },
+                MountPoint {
+                    target: "/var/x".into(),
+                    fstype: "fuse.strata".into()
+                },
+            ]
+        );
+        assert_eq!(unescape("a\\134b\\0"), b"a\\b\\0");
+    }
 
     #[test]
     fn options_round_trip() {

@@ -33,3 +33,28 @@ mod sys;
 pub fn default_sigpipe() {
     sys::default_signals(&[libc::SIGPIPE]);
 }
+
+/// A detached server's stdio once it is up: its starter has gone (or is about to), and a
+/// write to the pipe the starter read errors from would fail (making the logger panic).
+/// stdin and stdout become /dev/null, stderr `log_file` (appended) or /dev/null.
+pub fn let_go_of_stdio(log_file: Option<&std::path::Path>) {
+    use std::os::fd::AsFd;
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    let log = log_file.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    let err = log.as_ref().map_or(null.as_fd(), |l| l.as_fd());
+    for (from, to) in [(null.as_fd(), 0), (null.as_fd(), 1), (err, 2)] {
+        let _ = sys::replace_stdio(from, to);
+    }
+}

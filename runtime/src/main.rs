@@ -230,7 +230,9 @@ fn run(cli: Cli) -> Result<()> {
             root,
             address,
             mode,
-        }) => serve_snapshotter(&root, &address, &mode),
+            fuse_helper,
+            keep_mounts,
+        }) => serve_snapshotter(&root, &address, &mode, fuse_helper, keep_mounts),
         Command::Demo { keep } => strata_runtime::demo::run(keep, &mut std::io::stdout()),
     }
 }
@@ -341,19 +343,6 @@ fn layer_changes(a: cli::ChangesArgs) -> Result<()> {
 }
 
 /// True when `at` is a mount point of a FUSE filesystem (from /proc/self/mountinfo).
-fn fuse_mounted(at: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = at.canonicalize().unwrap_or_else(|_| at.to_path_buf());
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next());
-        f.get(4).map(|p| p.replace("\\040", " ")).as_deref() == want.to_str()
-            && fstype.is_some_and(|t| t.starts_with("fuse"))
-    })
-}
-
 fn mount_fuse(a: cli::MountArgs) -> Result<()> {
     let lowers = split_paths(&a.lower);
     if lowers.is_empty() {
@@ -385,8 +374,13 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
             _ => strata_fuse::Union::new(stack),
         };
         let config = strata_fuse::fs::config(&a.fsname, a.threads, read_only);
-        return strata_fuse::fs::serve(union, &a.merged, &config)
-            .with_context(|| format!("serving the FUSE mount on {}", a.merged.display()));
+        let (detached, log_file) = (a.detached, a.log_file.clone());
+        return strata_fuse::fs::serve_with(union, &a.merged, &config, move || {
+            if detached {
+                strata_runtime::let_go_of_stdio(log_file.as_deref());
+            }
+        })
+        .with_context(|| format!("serving the FUSE mount on {}", a.merged.display()));
     }
     // Detach: the same command in the foreground, in a session of its own; this returns once
     // the mount is live, or with the server's error.
@@ -412,6 +406,10 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
     if a.ro {
         args.push("--ro".into());
     }
+    if let Some(log) = &a.log_file {
+        args.extend(["--log-file".into(), log.clone().into()]);
+    }
+    args.push("--detached".into());
     args.push(a.merged.clone().into());
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(&args)
@@ -423,7 +421,7 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
         .context("starting the FUSE server")?;
     let start = std::time::Instant::now();
     loop {
-        if fuse_mounted(&a.merged) {
+        if strata_fuse::mounts::is_fuse_mount(&a.merged) {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
@@ -521,6 +519,8 @@ fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
         foreground,
         fsname,
         threads: 4,
+        log_file: None,
+        detached: false,
     })
 }
 
@@ -557,25 +557,11 @@ fn mount(a: cli::MountArgs) -> Result<()> {
 }
 
 fn umount(merged: &Path, lazy: bool) -> Result<()> {
-    match unmount(merged, lazy) {
-        // Not root: a FUSE mount of ours goes through fusermount3, as for fuse-overlayfs.
-        Err(strata_overlay::Error::Mount { err, .. })
-            if err.raw_os_error() == Some(libc::EPERM) && fuse_mounted(merged) =>
-        {
-            let ok = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .args(lazy.then_some("-z"))
-                .arg(merged)
-                .status()
-                .context("running fusermount3 -u")?
-                .success();
-            if !ok {
-                bail!("fusermount3 -u {} failed", merged.display());
-            }
-            Ok(())
-        }
-        r => r.with_context(|| format!("unmounting {}", merged.display())),
+    if strata_fuse::mounts::is_fuse_mount(merged) {
+        return strata_fuse::mounts::unmount(merged, lazy)
+            .with_context(|| format!("unmounting {}", merged.display()));
     }
+    unmount(merged, lazy).with_context(|| format!("unmounting {}", merged.display()))
 }
 
 fn info(root: &Path, dir: Option<PathBuf>) -> Result<()> {
@@ -632,10 +618,25 @@ fn nix_euid() -> u32 {
         .unwrap_or(0)
 }
 
-fn serve_snapshotter(root: &Path, address: &Path, mode: &str) -> Result<()> {
-    let mode: strata_snapshotter::Mode = mode.parse()?;
-    let snap = strata_snapshotter::Snapshotter::open(root, mode)
-        .with_context(|| format!("opening the snapshot store at {}", root.display()))?;
+fn serve_snapshotter(
+    root: &Path,
+    address: &Path,
+    mode: &str,
+    fuse_helper: Option<PathBuf>,
+    keep_mounts: bool,
+) -> Result<()> {
+    let config = strata_snapshotter::Config {
+        fuse_helper: fuse_helper.map(|program| strata_snapshotter::FuseHelper {
+            program,
+            arg0: None,
+        }),
+        ..strata_snapshotter::Config::new(mode.parse()?)
+    };
+    let snap = std::sync::Arc::new(
+        strata_snapshotter::Snapshotter::open_with(root, config)
+            .with_context(|| format!("opening the snapshot store at {}", root.display()))?,
+    );
+    tracing::info!(backend = snap.backend(), root = %root.display(), "snapshotter ready");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -652,8 +653,12 @@ fn serve_snapshotter(root: &Path, address: &Path, mode: &str) -> Result<()> {
             }
             tracing::info!("shutting down: draining in-flight requests");
         };
-        strata_snapshotter::serve(std::sync::Arc::new(snap), address, shutdown)
+        strata_snapshotter::serve(snap.clone(), address, shutdown)
             .await
             .with_context(|| format!("serving on {}", address.display()))
-    })
+    })?;
+    if snap.is_fuse() && !keep_mounts {
+        snap.unmount_all().context("unmounting the FUSE mounts")?;
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
 //! The raw syscalls the runtime needs that nix does not wrap: bringing up the loopback
-//! interface, dropping capabilities from the bounding set.
+//! interface, dropping capabilities from the bounding set, replacing standard descriptors.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -135,4 +135,15 @@ pub fn adopt_received_fd(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
     // SAFETY: recvmsg installed `fd` for this process alone; nothing else owns or closes it.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// Makes standard descriptor `to` (0, 1 or 2) a copy of `from` (`dup2`).
+pub fn replace_stdio(from: std::os::fd::BorrowedFd<'_>, to: i32) -> io::Result<()> {
+    assert!((0..=2).contains(&to), "only stdio is replaced");
+    // SAFETY: `from` is a valid open fd; dup2 atomically replaces `to`, which nobody owns as
+    // an OwnedFd (the standard streams use it by number).
+    if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&from), to) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

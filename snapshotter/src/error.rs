@@ -24,6 +24,9 @@ pub enum Error {
     /// A mode this build cannot serve.
     #[error("{0}")]
     Unsupported(String),
+    /// A FUSE mount could not be made.
+    #[error("{0}")]
+    Fuse(String),
     /// The metadata store failed.
     #[error("metadata {op}: {err}")]
     Db {
@@ -70,7 +73,9 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::Unsupported(_) => tonic::Status::unimplemented(msg),
-            Error::Db { .. } | Error::Io { .. } | Error::Overlay(_) => tonic::Status::internal(msg),
+            Error::Db { .. } | Error::Io { .. } | Error::Overlay(_) | Error::Fuse(_) => {
+                tonic::Status::internal(msg)
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`store`]: the snapshotter (synchronous): directory layout, mount rules, transactions.
 //! - [`meta`]: the SQLite metadata store.
+//! - [`fuse`]: FUSE mode's mounts, one FUSE server process per union snapshot.
 //! - [`filter`]: containerd's filter syntax for `List`.
 //! - [`service`]: the gRPC service and [`serve`] (tokio lives only here).
 //! - [`api`]: the generated protobuf types (containerd's .proto files, in `proto/`).
@@ -15,6 +16,7 @@
 
 mod error;
 pub mod filter;
+pub mod fuse;
 pub mod meta;
 pub mod service;
 pub mod store;
@@ -42,6 +44,7 @@ pub mod api {
 }
 
 pub use error::{Error, Result};
+pub use fuse::FuseHelper;
 pub use service::{connect, serve};
-pub use store::{Info, Mode, Snapshotter, Usage};
+pub use store::{Config, Info, Mode, Snapshotter, Usage};
 pub use strata_overlay::{Mount, Overlay};

@@ -6,6 +6,8 @@
 //! ROOT/features               kernel overlay features probed at this boot (a cache)
 //! ROOT/snapshots/<id>/fs      the layer (upper dir while active)
 //! ROOT/snapshots/<id>/work    overlay's work dir (active snapshots)
+//! ROOT/snapshots/<id>/merged  FUSE mode: where the snapshot's union is mounted (handed out as
+//!                             a bind mount)
 //! ROOT/snapshots/new-*        a snapshot being created (temp; renamed to <id> in its transaction)
 //! ROOT/snapshots/rm-<id>      a removed snapshot's dirs, being deleted off the request path
 //! ```
@@ -14,18 +16,24 @@
 //! renamed away after its transaction commits. Either way a kill at any instant leaves the old
 //! or the new state plus, at worst, a directory no record owns, which is removed at start and
 //! by `cleanup`.
+//!
+//! In FUSE mode ([`Mode::Fuse`], or [`Mode::Auto`] where kernel overlay cannot mount) a
+//! snapshot that needs a union is mounted by its own FUSE server when it is created (see
+//! [`crate::fuse`]), remounted by `mounts` if that server has gone, and unmounted by `commit`
+//! and `remove`; the on-disk layout is the same, so a store moves between modes freely.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use strata_overlay::mount::{Mount, Options, Overlay};
 
 use crate::filter::{self, Fields, Filter};
+use crate::fuse::{self, FuseHelper};
 use crate::meta::{self, Kind, Meta, Row};
 use crate::{Error, Result};
 
@@ -57,6 +65,29 @@ impl std::str::FromStr for Mode {
             other => Err(Error::InvalidArgument(format!(
                 "unknown mode {other:?}: expected overlay, fuse or auto"
             ))),
+        }
+    }
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How layers are mounted.
+    pub mode: Mode,
+    /// FUSE mode's mount program (fuse-overlayfs' command line); `None`: this executable as
+    /// `strata-fuse`.
+    pub fuse_helper: Option<FuseHelper>,
+    /// The machine's boot id; `None`: the running kernel's. Tests simulate a reboot with it.
+    pub boot_id: Option<String>,
+}
+
+impl Config {
+    /// `mode` with the defaults.
+    pub fn new(mode: Mode) -> Config {
+        Config {
+            mode,
+            fuse_helper: None,
+            boot_id: None,
         }
     }
 }
@@ -128,6 +159,12 @@ pub struct Snapshotter {
     root: PathBuf,
     meta: Mutex<Meta>,
     options: Options,
+    /// FUSE mode's mount program; `None` in overlay mode.
+    fuse: Option<FuseHelper>,
+    /// Which backend was chosen and why (for logs and `strata info`).
+    backend: String,
+    /// Serializes making the FUSE mount of one snapshot (never across snapshots).
+    mount_locks: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
     boot_id: String,
     reaper: Mutex<Option<mpsc::Sender<PathBuf>>>,
     reaper_thread: Option<std::thread::JoinHandle<()>>,
@@ -184,39 +221,82 @@ impl Snapshotter {
     /// Opens (or creates) the store at `root`, sweeps directories no record points to, and
     /// discards volatile snapshots that did not survive a restart of the machine.
     pub fn open(root: &Path, mode: Mode) -> Result<Snapshotter> {
-        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        Self::open_at_boot(root, mode, boot_id)
+        Self::open_with(root, Config::new(mode))
     }
 
     /// [`Snapshotter::open`] as if the machine's boot id were `boot_id`: tests and tools use it
     /// to simulate a reboot.
     pub fn open_at_boot(root: &Path, mode: Mode, boot_id: String) -> Result<Snapshotter> {
-        let options = match mode {
-            Mode::Fuse => {
-                return Err(Error::Unsupported("--mode fuse needs Strata's FUSE filesystem, which is not built yet (the FUSE issue); use --mode overlay".into()));
-            }
-            Mode::Overlay | Mode::Auto => {
-                std::fs::create_dir_all(root.join("snapshots"))
-                    .map_err(|e| Error::io("create", root.join("snapshots"), e))?;
-                let f = strata_overlay::probe::probe_cached(root, &root.join("features"));
-                if !f.overlay {
-                    let why = f.error.clone().unwrap_or_default();
+        Self::open_with(
+            root,
+            Config {
+                boot_id: Some(boot_id),
+                ..Config::new(mode)
+            },
+        )
+    }
+
+    /// [`Snapshotter::open`] with every choice spelled out.
+    pub fn open_with(root: &Path, config: Config) -> Result<Snapshotter> {
+        let boot_id = config.boot_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        });
+        std::fs::create_dir_all(root.join("snapshots"))
+            .map_err(|e| Error::io("create", root.join("snapshots"), e))?;
+        let mode = config.mode;
+        let mut fuse_reason = None;
+        let mut options = Options::default();
+        if mode != Mode::Fuse {
+            let f = strata_overlay::probe::probe_cached(root, &root.join("features"));
+            if f.overlay {
+                tracing::info!(backing_fs = %f.backing_fs, metacopy = f.metacopy, redirect_dir = f.redirect_dir, userxattr = f.in_userns, "kernel overlay chosen");
+                options = f.options();
+            } else {
+                let why = format!(
+                    "kernel overlayfs cannot mount on {} ({}): {}",
+                    root.display(),
+                    f.backing_fs,
+                    f.error.clone().unwrap_or_default()
+                );
+                if mode == Mode::Overlay {
                     return Err(Error::Unsupported(format!(
-                        "kernel overlayfs cannot mount on {} ({}): {why}{}",
-                        root.display(),
-                        f.backing_fs,
-                        if mode == Mode::Auto {
-                            "; the FUSE fallback is not built yet"
-                        } else {
-                            ""
-                        }
+                        "{why}; --mode fuse or auto would use Strata's FUSE filesystem"
                     )));
                 }
-                tracing::info!(backing_fs = %f.backing_fs, metacopy = f.metacopy, redirect_dir = f.redirect_dir, userxattr = f.in_userns, "kernel overlay chosen");
-                f.options()
+                fuse_reason = Some(why);
+            }
+        } else {
+            fuse_reason = Some("--mode fuse".into());
+        }
+        let (fuse, backend) = match fuse_reason {
+            None => (
+                None,
+                format!(
+                    "overlay (kernel{}{}{})",
+                    if options.metacopy { ", metacopy" } else { "" },
+                    if options.redirect_dir {
+                        ", redirect_dir"
+                    } else {
+                        ""
+                    },
+                    if options.userxattr { ", userxattr" } else { "" }
+                ),
+            ),
+            Some(why) => {
+                if !Path::new("/dev/fuse").exists() {
+                    return Err(Error::Unsupported(format!(
+                        "FUSE mode ({why}) needs /dev/fuse, which this machine lacks"
+                    )));
+                }
+                let helper = match config.fuse_helper.clone() {
+                    Some(h) => h,
+                    None => FuseHelper::this_exe()?,
+                };
+                tracing::info!(reason = %why, helper = %helper.program.display(), "FUSE mode chosen");
+                (Some(helper), format!("fuse ({why})"))
             }
         };
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
@@ -227,6 +307,10 @@ impl Snapshotter {
             .name("strata-reaper".into())
             .spawn(move || {
                 for p in rx {
+                    if let Err(e) = fuse::unmount_below(&p) {
+                        tracing::error!(path = %p.display(), %e, "unmounting below a deleted snapshot's directory; not deleting it");
+                        continue;
+                    }
                     // A dir can be queued twice (Remove, then a Cleanup that saw it): gone is fine.
                     if let Err(e) = std::fs::remove_dir_all(&p).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) {
                         tracing::error!(path = %p.display(), %e, "removing a deleted snapshot's directory");
@@ -238,6 +322,9 @@ impl Snapshotter {
             root: root.to_path_buf(),
             meta: Mutex::new(meta),
             options,
+            fuse,
+            backend,
+            mount_locks: Mutex::new(HashMap::new()),
             boot_id,
             reaper: Mutex::new(Some(tx)),
             reaper_thread: Some(reaper_thread),
@@ -251,6 +338,16 @@ impl Snapshotter {
     /// The overlay options every overlay mount gets here.
     pub fn options(&self) -> Options {
         self.options
+    }
+
+    /// The backend this store mounts with and why: `overlay (kernel, ...)` or `fuse (REASON)`.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    /// Whether union snapshots are served by FUSE mounts.
+    pub fn is_fuse(&self) -> bool {
+        self.fuse.is_some()
     }
 
     fn snapshots(&self) -> PathBuf {
@@ -393,17 +490,29 @@ impl Snapshotter {
         }
         drop(meta);
         tracing::debug!(key, parent, ?kind, id, "created snapshot");
-        Ok(self.mounts_of(id, kind, &chain, volatile))
+        match self.mounts_of(id, kind, &chain, volatile) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                // A snapshot nobody can mount is not handed out: undone, so a retry works.
+                if let Err(undo) = self.remove(key) {
+                    tracing::error!(key, %undo, "removing a snapshot whose mount failed");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// containerd's mount rules: a bind mount without parents or for a one-layer view, an
     /// overlay otherwise; read-only views have no upper.
-    fn mounts_of(&self, id: i64, kind: Kind, chain: &[i64], volatile: bool) -> Vec<Mount> {
+    fn mounts_of(&self, id: i64, kind: Kind, chain: &[i64], volatile: bool) -> Result<Vec<Mount>> {
         if chain.is_empty() {
-            return vec![Mount::bind(&self.fs_dir(id), kind == Kind::View)];
+            return Ok(vec![Mount::bind(&self.fs_dir(id), kind == Kind::View)]);
         }
         if kind == Kind::View && chain.len() == 1 {
-            return vec![Mount::bind(&self.fs_dir(chain[0]), true)];
+            return Ok(vec![Mount::bind(&self.fs_dir(chain[0]), true)]);
+        }
+        if let Some(helper) = &self.fuse {
+            return self.fuse_mount(helper, id, kind, chain).map(|m| vec![m]);
         }
         let lowers = chain.iter().map(|&p| self.fs_dir(p)).collect();
         let (upper, work) = if kind == Kind::Active {
@@ -419,7 +528,7 @@ impl Snapshotter {
             // restart case is handled at start).
             let _ = std::fs::remove_dir_all(self.dir(id).join("work/work/incompat/volatile"));
         }
-        vec![
+        Ok(vec![
             Overlay {
                 lowers,
                 upper,
@@ -427,7 +536,81 @@ impl Snapshotter {
                 options,
             }
             .to_mount(),
-        ]
+        ])
+    }
+
+    fn merged_dir(&self, id: i64) -> PathBuf {
+        self.dir(id).join("merged")
+    }
+
+    fn mount_lock(&self, id: i64) -> Arc<Mutex<()>> {
+        self.mount_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id)
+            .or_default()
+            .clone()
+    }
+
+    /// The union of snapshot `id` as a live FUSE mount on its `merged` dir (made now if there
+    /// is none or its server has gone), handed out as a bind mount.
+    fn fuse_mount(&self, helper: &FuseHelper, id: i64, kind: Kind, chain: &[i64]) -> Result<Mount> {
+        let merged = self.merged_dir(id);
+        let lock = self.mount_lock(id);
+        let _one = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if strata_fuse::mounts::is_fuse_mount(&merged) {
+            if !strata_fuse::mounts::is_dead(&merged) {
+                return Ok(Mount::bind(&merged, kind == Kind::View));
+            }
+            tracing::warn!(
+                id,
+                "the FUSE server of this snapshot has gone: mounting it again"
+            );
+            strata_fuse::mounts::unmount(&merged, true)
+                .map_err(|e| Error::io("unmount", &merged, e))?;
+        }
+        match std::fs::create_dir(&merged) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create", &merged, e)),
+        }
+        let lowers: Vec<PathBuf> = chain.iter().map(|&p| self.fs_dir(p)).collect();
+        let (upper, work) = (self.fs_dir(id), self.dir(id).join("work"));
+        let upper_work = (kind == Kind::Active).then_some((upper.as_path(), work.as_path()));
+        helper.mount(&lowers, upper_work, "strata", &merged)?;
+        tracing::debug!(id, layers = lowers.len(), "FUSE union mounted");
+        Ok(Mount::bind(&merged, kind == Kind::View))
+    }
+
+    /// Ends snapshot `id`'s FUSE mount, if it has one (whatever mode made it).
+    fn end_fuse_mount(&self, id: i64) -> Result<()> {
+        let merged = self.merged_dir(id);
+        match std::fs::symlink_metadata(&merged) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            _ => {
+                let lock = self.mount_lock(id);
+                let _one = lock
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                fuse::unmount(&merged)
+            }
+        }
+    }
+
+    /// Unmounts every FUSE mount of this store (a clean shutdown that does not keep them).
+    pub fn unmount_all(&self) -> Result<()> {
+        let ids = {
+            let meta = self.lock();
+            meta::ids(meta.conn())?
+        };
+        for id in ids {
+            if let Err(e) = self.end_fuse_mount(id) {
+                tracing::error!(id, %e, "unmounting a snapshot's FUSE mount");
+            }
+        }
+        Ok(())
     }
 
     /// The mounts of an existing active snapshot or view.
@@ -442,6 +625,9 @@ impl Snapshotter {
     }
 
     fn mounts_with(&self, key: &str, wait: bool) -> Option<Result<Vec<Mount>>> {
+        if !wait && self.fuse.is_some() {
+            return None; // may have to start a FUSE server: not on the caller's thread
+        }
         let meta = self.lock_or_skip(wait)?;
         let found = (|| {
             let db = meta.conn();
@@ -456,11 +642,9 @@ impl Snapshotter {
             Ok((row, chain))
         })();
         drop(meta);
-        Some(
-            found.map(|(row, chain)| {
-                self.mounts_of(row.id, row.kind, &chain, row.boot_id.is_some())
-            }),
-        )
+        Some(found.and_then(|(row, chain)| {
+            self.mounts_of(row.id, row.kind, &chain, row.boot_id.is_some())
+        }))
     }
 
     fn lock_or_skip(&self, wait: bool) -> Option<std::sync::MutexGuard<'_, Meta>> {
@@ -500,6 +684,8 @@ impl Snapshotter {
                 "snapshot {key:?} is not active"
             )));
         }
+        // The container is done with it; a FUSE server must not write behind the commit.
+        self.end_fuse_mount(row.id)?;
         let fs = self.fs_dir(row.id);
         let f = std::fs::File::open(&fs).map_err(|e| Error::io("open", &fs, e))?;
         nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", &fs, e.into()))?;
@@ -557,6 +743,7 @@ impl Snapshotter {
         }
         validate_labels(&labels)?;
         let row = self.active_row(key)?;
+        self.end_fuse_mount(row.id)?;
         let fs = self.fs_dir(row.id);
         let f = std::fs::File::open(&fs).map_err(|e| Error::io("open", &fs, e))?;
         nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", &fs, e.into()))?;
@@ -697,6 +884,14 @@ impl Snapshotter {
             self.dir(row.id),
             self.snapshots().join(format!("rm-{}", row.id)),
         );
+        if let Err(e) = self.end_fuse_mount(row.id) {
+            // The reaper detaches whatever is still mounted before it deletes.
+            tracing::warn!(key, %e, "unmounting a removed snapshot's FUSE mount");
+        }
+        self.mount_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&row.id);
         match std::fs::rename(&dir, &gone) {
             Ok(()) => {
                 drop(meta);
@@ -830,6 +1025,7 @@ impl Snapshotter {
             } else {
                 dir.join(format!("rm-orphan-{name}"))
             };
+            fuse::unmount_below(&p)?;
             if target != p {
                 std::fs::rename(&p, &target).map_err(|e| Error::io("rename away", &p, e))?;
             }

@@ -489,6 +489,14 @@ pub struct MountArgs {
     /// With --fuse: request-handling threads.
     #[arg(long, default_value_t = 4, requires = "fuse")]
     pub threads: usize,
+    /// With --fuse, detached: where the server's log goes once the mount is live (default:
+    /// nowhere; before that, errors reach the starting command).
+    #[arg(long, requires = "fuse")]
+    pub log_file: Option<PathBuf>,
+    /// Set by a detaching `mount --fuse` on the server it starts: let go of the starter's
+    /// stdio once the mount is live.
+    #[arg(long, hide = true)]
+    pub detached: bool,
 }
 
 /// Splits a ':'-separated list of paths.
@@ -510,9 +518,19 @@ pub enum SnapshotterCommand {
         /// The unix socket to listen on (created with mode 0660).
         #[arg(long)]
         address: PathBuf,
-        /// How layers are mounted: overlay (kernel overlayfs), fuse, or auto.
+        /// How layers are mounted: overlay (kernel overlayfs), fuse (Strata's FUSE union, one
+        /// server per snapshot, handed out as bind mounts), or auto (overlay where the kernel
+        /// can mount it on this root, FUSE otherwise).
         #[arg(long, default_value = "overlay")]
         mode: String,
+        /// FUSE mode: the mount program, with fuse-overlayfs' command line (default: this
+        /// binary as strata-fuse; /usr/bin/fuse-overlayfs works too).
+        #[arg(long)]
+        fuse_helper: Option<PathBuf>,
+        /// FUSE mode: leave the FUSE mounts up on shutdown, so running containers keep their
+        /// root file systems across a restart of the snapshotter.
+        #[arg(long)]
+        keep_mounts: bool,
     },
 }
 

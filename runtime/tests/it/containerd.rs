@@ -23,14 +23,30 @@ impl Drop for Containerd {
 
 fn ctr(d: &Path) -> Command {
     let mut c = Command::new("ctr");
+    // A namespace per test: runc keeps its state under it, and the tests run in parallel.
+    let ns = format!(
+        "strata-e2e-{}",
+        d.file_name().unwrap().to_string_lossy().replace('.', "-")
+    );
     c.arg("--address")
         .arg(d.join("ctrd.sock"))
-        .args(["-n", "strata-e2e"]);
+        .args(["-n", &ns]);
     c
 }
 
 #[test]
 fn containerd_uses_strata_as_a_proxy_snapshotter() {
+    end_to_end("overlay");
+}
+
+/// The same with `--mode fuse`: every union is Strata's own FUSE mount, handed to containerd
+/// (and runc) as a bind mount.
+#[test]
+fn containerd_uses_strata_in_fuse_mode() {
+    end_to_end("fuse");
+}
+
+fn end_to_end(mode: &str) {
     require_root();
     for c in ["containerd", "ctr", "runc", "containerd-shim-runc-v2"] {
         require_command(c);
@@ -39,7 +55,7 @@ fn containerd_uses_strata_as_a_proxy_snapshotter() {
     let d = t.path();
     let archive = image_archive(d, "image.tar");
 
-    let server = Server::start(&d.join("strata"), &d.join("strata.sock"));
+    let server = Server::start_with(&d.join("strata"), &d.join("strata.sock"), &["--mode", mode]);
     let config = d.join("config.toml");
     std::fs::write(
         &config,
@@ -117,10 +133,17 @@ fn containerd_uses_strata_as_a_proxy_snapshotter() {
     let mnt = d.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let mount_cmd = ok(&mut s(&["mounts", mnt.to_str().unwrap(), "e2e-active"]));
-    assert!(
-        mount_cmd.contains("lowerdir=") && mount_cmd.contains("index=off"),
-        "{mount_cmd}"
-    );
+    if mode == "fuse" {
+        assert!(
+            mount_cmd.contains("-t bind") && mount_cmd.contains("/merged"),
+            "{mount_cmd}"
+        );
+    } else {
+        assert!(
+            mount_cmd.contains("lowerdir=") && mount_cmd.contains("index=off"),
+            "{mount_cmd}"
+        );
+    }
     ok(Command::new("sh").arg("-c").arg(&mount_cmd));
     std::fs::write(mnt.join("etc/new-in-active"), "changed\n").unwrap();
     std::fs::remove_file(mnt.join("etc/from-lower")).unwrap();
@@ -164,4 +187,6 @@ fn containerd_uses_strata_as_a_proxy_snapshotter() {
     let status = server.stop();
     assert!(status.success(), "SIGTERM is a clean shutdown: {status:?}");
     assert!(!socket.exists(), "socket removed");
+    let left: Vec<_> = strata_overlay::mount::mounts_below(d).unwrap();
+    assert!(left.is_empty(), "mounts left: {left:?}");
 }

@@ -87,9 +87,16 @@ pub struct Server {
 
 impl Server {
     pub fn start(root: &Path, socket: &Path) -> Server {
+        Self::start_with(root, socket, &[])
+    }
+
+    /// [`Server::start`] with more arguments (`--mode fuse`).
+    pub fn start_with(root: &Path, socket: &Path, args: &[&str]) -> Server {
         let _ = std::fs::remove_file(socket);
         let child = strata()
-            .args(["snapshotter", "serve", "--root"])
+            .args(["snapshotter", "serve"])
+            .args(args)
+            .arg("--root")
             .arg(root)
             .arg("--address")
             .arg(socket)

@@ -2,6 +2,7 @@
 //! (usage, cleanup, restart, special files, error kinds, filters, update masks, rebase,
 //! volatile, concurrent gRPC clients).
 
+mod fuse;
 mod grpc;
 mod store;
 mod support;

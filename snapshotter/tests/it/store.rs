@@ -371,15 +371,6 @@ fn volatile_label_mounts_without_syncs_and_is_discarded_after_a_reboot() {
 }
 
 #[test]
-fn fuse_mode_is_refused_with_a_clear_message() {
-    let t = scratch();
-    let e = Snapshotter::open(&t.path().join("root"), Mode::Fuse)
-        .err()
-        .expect("fuse mode opened");
-    assert!(e.to_string().contains("FUSE"), "{e}");
-}
-
-#[test]
 fn adopt_hands_the_upper_over_without_copying() {
     require_root();
     let t = scratch();
