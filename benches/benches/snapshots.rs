@@ -164,8 +164,7 @@ fn main() {
             .args(["--snapshotter", "overlayfs"]),
         &cs,
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();

@@ -630,6 +630,8 @@ fn serve_snapshotter(
             program,
             arg0: None,
         }),
+        // Prepare finds its dirs made: a long-running server can make them between requests.
+        ready_dirs: 4,
         ..strata_snapshotter::Config::new(mode.parse()?)
     };
     let snap = std::sync::Arc::new(
@@ -637,7 +639,10 @@ fn serve_snapshotter(
             .with_context(|| format!("opening the snapshot store at {}", root.display()))?,
     );
     tracing::info!(backend = snap.backend(), root = %root.display(), "snapshotter ready");
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread does the gRPC work and answers reads inline; everything that blocks (writes,
+    // contended reads, FUSE mounts) goes to tokio's blocking pool. Measured against a
+    // multi-threaded runtime, this halves the cost of a Stat: no wake-ups across workers.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;

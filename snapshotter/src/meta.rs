@@ -151,8 +151,11 @@ impl Meta {
 macro_rules! select {
     ($tail:literal) => {
         concat!(
-            "SELECT s.id, s.key, s.parent_id, COALESCE(p.key, ''), s.kind, s.created, s.updated, s.size, s.inodes, s.boot_id ",
-            "FROM snapshots s LEFT JOIN snapshots p ON s.parent_id = p.id ",
+            // The parent's key by a scalar subquery, not a LEFT JOIN: SQLite (with STAT4)
+            // re-prepares a cached LEFT JOIN statement on every new binding, which was half
+            // the cost of a Stat.
+            "SELECT s.id, s.key, s.parent_id, COALESCE((SELECT p.key FROM snapshots p WHERE p.id = s.parent_id), ''), ",
+            "s.kind, s.created, s.updated, s.size, s.inodes, s.boot_id FROM snapshots s ",
             $tail
         )
     };

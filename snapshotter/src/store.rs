@@ -10,6 +10,8 @@
 //!                             a bind mount)
 //! ROOT/snapshots/new-*        a snapshot being created (temp; renamed to <id> in its transaction)
 //! ROOT/snapshots/rm-<id>      a removed snapshot's dirs, being deleted off the request path
+//! ROOT/snapshots/stock-*      empty active-snapshot dirs (fs/ 0755, work/) made ahead, off the
+//!                             request path; Prepare renames one into place
 //! ```
 //! Every change is one SQLite transaction. A new snapshot's directories are created under a
 //! temp name and renamed into place before its transaction commits; a removed snapshot's are
@@ -79,6 +81,10 @@ pub struct Config {
     pub fuse_helper: Option<FuseHelper>,
     /// The machine's boot id; `None`: the running kernel's. Tests simulate a reboot with it.
     pub boot_id: Option<String>,
+    /// How many empty active-snapshot dirs to keep ready, made off the request path so
+    /// Prepare only renames one (0: none; a long-running server wants a few). They are
+    /// deleted when the store is closed.
+    pub ready_dirs: usize,
 }
 
 impl Config {
@@ -88,6 +94,7 @@ impl Config {
             mode,
             fuse_helper: None,
             boot_id: None,
+            ready_dirs: 0,
         }
     }
 }
@@ -166,20 +173,73 @@ pub struct Snapshotter {
     /// Serializes making the FUSE mount of one snapshot (never across snapshots).
     mount_locks: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
     boot_id: String,
-    reaper: Mutex<Option<mpsc::Sender<PathBuf>>>,
+    /// The background thread's queue: deletions, and restocking of `stock`.
+    reaper: Mutex<Option<mpsc::Sender<Chore>>>,
     reaper_thread: Option<std::thread::JoinHandle<()>>,
+    /// Ready-made active-snapshot dirs.
+    stock: Arc<Mutex<Vec<PathBuf>>>,
+    /// Set at drop: restocking stops, deletions still finish.
+    closing: Arc<std::sync::atomic::AtomicBool>,
+    /// [`Config::ready_dirs`].
+    ready_dirs: usize,
     counter: AtomicU64,
 }
 
 impl Drop for Snapshotter {
     /// Finishes the deletions still queued, so a short-lived user (the CLI) leaves nothing.
     fn drop(&mut self) {
+        self.closing.store(true, Ordering::Relaxed);
         self.reaper
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
         if let Some(t) = self.reaper_thread.take() {
             let _ = t.join();
+        }
+        for p in self
+            .stock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Work for the background thread.
+enum Chore {
+    /// Delete a removed snapshot's dirs (unmounting anything below first).
+    Delete(PathBuf),
+    /// Make one more ready dir for Prepare.
+    Stock,
+}
+
+/// Makes an active snapshot's dirs (`fs/` 0755, `work/`) under `tmp`.
+fn make_active_dirs(tmp: &Path) -> std::io::Result<()> {
+    std::fs::create_dir(tmp)?;
+    std::fs::create_dir(tmp.join("fs"))?;
+    // Explicitly, so the umask cannot change it (containerd relies on the umask).
+    std::fs::set_permissions(tmp.join("fs"), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::create_dir(tmp.join("work"))
+}
+
+/// One ready dir: made under a temp name, renamed to `stock-*` only when complete.
+fn restock(snapshots: &Path, n: u64, stock: &Mutex<Vec<PathBuf>>) {
+    let pid = std::process::id();
+    let (tmp, done) = (
+        snapshots.join(format!("stock-new-{pid}-{n}")),
+        snapshots.join(format!("stock-{pid}-{n}")),
+    );
+    let made = make_active_dirs(&tmp).and_then(|()| std::fs::rename(&tmp, &done));
+    match made {
+        Ok(()) => stock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(done),
+        Err(e) => {
+            tracing::warn!(path = %tmp.display(), %e, "making a ready snapshot dir");
+            let _ = std::fs::remove_dir_all(&tmp);
         }
     }
 }
@@ -197,7 +257,51 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// Makes the layer at `path` durable before it is recorded as committed, and measures it. A
+/// small layer (the common container commit) has each file and directory synced; a large one
+/// is flushed with one `syncfs`, which would otherwise also wait for every unrelated dirty
+/// inode on the file system.
+fn settle(path: &Path) -> Result<Usage> {
+    const ONE_BY_ONE: usize = 256;
+    let mut sync = Some(Vec::new());
+    let usage = walk(path, &mut |p, m| {
+        if let Some(list) = &mut sync {
+            if m.is_dir() || m.is_file() {
+                list.push((p.to_path_buf(), m.is_dir()));
+            }
+            if list.len() > ONE_BY_ONE {
+                sync = None;
+            }
+        }
+    })?;
+    match sync {
+        Some(list) => {
+            // Files first, then directories deepest first, so every entry is durable before
+            // the directory naming it.
+            for (p, is_dir) in list
+                .iter()
+                .filter(|e| !e.1)
+                .chain(list.iter().rev().filter(|e| e.1))
+            {
+                let f = std::fs::File::open(p).map_err(|e| Error::io("open", p, e))?;
+                let r = if *is_dir { f.sync_all() } else { f.sync_data() };
+                r.map_err(|e| Error::io("fsync", p, e))?;
+            }
+        }
+        None => {
+            let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+            nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", path, e.into()))?;
+        }
+    }
+    Ok(usage)
+}
+
 fn du(path: &Path) -> Result<Usage> {
+    walk(path, &mut |_, _| {})
+}
+
+/// Disk usage of the tree at `path`, calling `each` on every entry (hard links once).
+fn walk(path: &Path, each: &mut dyn FnMut(&Path, &std::fs::Metadata)) -> Result<Usage> {
     let mut usage = Usage::default();
     let mut seen = std::collections::HashSet::new();
     let mut stack = vec![path.to_path_buf()];
@@ -208,6 +312,7 @@ fn du(path: &Path) -> Result<Usage> {
         }
         usage.inodes += 1;
         usage.size += (m.blocks() * 512) as i64;
+        each(&p, &m);
         if m.is_dir() {
             for e in std::fs::read_dir(&p).map_err(|e| Error::io("read dir", &p, e))? {
                 stack.push(e.map_err(|e| Error::io("read dir", &p, e))?.path());
@@ -302,11 +407,25 @@ impl Snapshotter {
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io("chmod", root, e))?;
         let meta = Meta::open(&root.join("metadata.db"))?;
-        let (tx, rx) = mpsc::channel::<PathBuf>();
+        let (tx, rx) = mpsc::channel::<Chore>();
+        let stock = Arc::new(Mutex::new(Vec::new()));
+        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (snapshots, stocked, closed) = (root.join("snapshots"), stock.clone(), closing.clone());
         let reaper_thread = std::thread::Builder::new()
             .name("strata-reaper".into())
             .spawn(move || {
-                for p in rx {
+                let mut n = 0;
+                for chore in rx {
+                    let p = match chore {
+                        Chore::Delete(p) => p,
+                        Chore::Stock => {
+                            if !closed.load(Ordering::Relaxed) {
+                                n += 1;
+                                restock(&snapshots, n, &stocked);
+                            }
+                            continue;
+                        }
+                    };
                     if let Err(e) = fuse::unmount_below(&p) {
                         tracing::error!(path = %p.display(), %e, "unmounting below a deleted snapshot's directory; not deleting it");
                         continue;
@@ -328,10 +447,14 @@ impl Snapshotter {
             boot_id,
             reaper: Mutex::new(Some(tx)),
             reaper_thread: Some(reaper_thread),
+            stock,
+            closing,
+            ready_dirs: config.ready_dirs,
             counter: AtomicU64::new(0),
         };
         s.discard_stale_volatile()?;
         s.cleanup()?;
+        s.take_over_stock()?;
         Ok(s)
     }
 
@@ -370,17 +493,61 @@ impl Snapshotter {
     }
 
     fn reap(&self, p: PathBuf) {
+        if let Some(Chore::Delete(p)) = self.chore(Chore::Delete(p)) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+
+    /// Queues `c` for the background thread; gives it back if that thread is gone.
+    fn chore(&self, c: Chore) -> Option<Chore> {
         let tx = self
             .reaper
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let unsent = match tx.as_ref() {
-            Some(tx) => tx.send(p).err().map(|mpsc::SendError(p)| p),
-            None => Some(p),
-        };
-        if let Some(p) = unsent {
-            let _ = std::fs::remove_dir_all(p);
+        match tx.as_ref() {
+            Some(tx) => tx.send(c).err().map(|mpsc::SendError(c)| c),
+            None => Some(c),
         }
+    }
+
+    /// Takes the ready dirs a previous process left (complete ones only: they are renamed
+    /// into their name last) and tops the stock up.
+    fn take_over_stock(&self) -> Result<()> {
+        let dir = self.snapshots();
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io("read dir", &dir, e))? {
+            let e = e.map_err(|e| Error::io("read dir", &dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("stock-") && !name.starts_with("stock-new-") {
+                found.push(e.path());
+            }
+        }
+        if self.ready_dirs == 0 {
+            for p in found {
+                self.reap(p);
+            }
+            return Ok(());
+        }
+        let missing = self.ready_dirs.saturating_sub(found.len());
+        self.stock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(found);
+        for _ in 0..missing {
+            self.chore(Chore::Stock);
+        }
+        Ok(())
+    }
+
+    /// A ready-made active snapshot dir, if one is waiting (and a new one is ordered).
+    fn stocked_dir(&self) -> Option<PathBuf> {
+        let p = self
+            .stock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()?;
+        self.chore(Chore::Stock);
+        Some(p)
     }
 
     /// Creates an active snapshot `key` on `parent` ("" for none) and returns its mounts.
@@ -420,26 +587,39 @@ impl Snapshotter {
             && labels.get(VOLATILE_LABEL).is_some_and(|v| v == "true")
             && !labels.contains_key(UNPACK_LABEL);
         let mut meta = self.lock();
-        // The temp dir is made under the lock, so `cleanup` never mistakes it for a leftover.
-        let tmp = self.snapshots().join(format!(
-            "new-{}-{}",
-            std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        let made = (|| -> std::io::Result<()> {
-            std::fs::create_dir(&tmp)?;
-            std::fs::create_dir(tmp.join("fs"))?;
-            // Explicitly, so the umask cannot change it (containerd relies on the umask).
-            std::fs::set_permissions(tmp.join("fs"), std::fs::Permissions::from_mode(0o755))?;
-            if kind == Kind::Active {
-                std::fs::create_dir(tmp.join("work"))?;
+        let stocked = if kind == Kind::Active {
+            self.stocked_dir()
+        } else {
+            None
+        };
+        let tmp = match stocked {
+            Some(ready) => ready,
+            None => {
+                // Made under the lock, so `cleanup` never mistakes it for a leftover.
+                let tmp = self.snapshots().join(format!(
+                    "new-{}-{}",
+                    std::process::id(),
+                    self.counter.fetch_add(1, Ordering::Relaxed)
+                ));
+                let made = if kind == Kind::Active {
+                    make_active_dirs(&tmp)
+                } else {
+                    std::fs::create_dir(&tmp)
+                        .and_then(|()| std::fs::create_dir(tmp.join("fs")))
+                        .and_then(|()| {
+                            std::fs::set_permissions(
+                                tmp.join("fs"),
+                                std::fs::Permissions::from_mode(0o755),
+                            )
+                        })
+                };
+                if let Err(e) = made {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    return Err(Error::io("create snapshot dir", &tmp, e));
+                }
+                tmp
             }
-            Ok(())
-        })();
-        if let Err(e) = made {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(Error::io("create snapshot dir", &tmp, e));
-        }
+        };
         let tx = match meta.write() {
             Ok(tx) => tx,
             Err(e) => {
@@ -687,9 +867,7 @@ impl Snapshotter {
         // The container is done with it; a FUSE server must not write behind the commit.
         self.end_fuse_mount(row.id)?;
         let fs = self.fs_dir(row.id);
-        let f = std::fs::File::open(&fs).map_err(|e| Error::io("open", &fs, e))?;
-        nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", &fs, e.into()))?;
-        let usage = du(&fs)?;
+        let usage = settle(&fs)?;
         let mut meta = self.lock();
         let tx = meta.write()?;
         let now = meta::get(&tx, key)?
@@ -745,10 +923,8 @@ impl Snapshotter {
         let row = self.active_row(key)?;
         self.end_fuse_mount(row.id)?;
         let fs = self.fs_dir(row.id);
-        let f = std::fs::File::open(&fs).map_err(|e| Error::io("open", &fs, e))?;
-        nix::unistd::syncfs(&f).map_err(|e| Error::io("syncfs", &fs, e.into()))?;
-        let usage = du(&fs)?;
-        let root_meta = f.metadata().map_err(|e| Error::io("stat", &fs, e))?;
+        let usage = settle(&fs)?;
+        let root_meta = std::fs::metadata(&fs).map_err(|e| Error::io("stat", &fs, e))?;
         let mut meta = self.lock();
         let tmp = self.snapshots().join(format!(
             "new-{}-{}",
@@ -1009,6 +1185,14 @@ impl Snapshotter {
             let e = e.map_err(|e| Error::io("read dir", &dir, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
             if name.parse::<i64>().is_ok_and(|id| ids.contains(&id)) {
+                continue;
+            }
+            // Ready dirs are not leftovers, nor is one this process is making; one a previous
+            // process was making when it died is.
+            let ours = format!("stock-new-{}-", std::process::id());
+            if name.starts_with("stock-")
+                && (!name.starts_with("stock-new-") || name.starts_with(&ours))
+            {
                 continue;
             }
             orphans.push(e.path());

@@ -171,15 +171,24 @@ fn end_to_end(mode: &str) {
     let left = snaps(d);
     assert_eq!(left.lines().count(), 1, "snapshots left after GC:\n{left}");
     drop(ctrd);
+    // While it runs, the server keeps a few empty dirs ready for Prepare (`stock-*`).
     let snapdir = d.join("strata/snapshots");
+    let entries = |ready_too: bool| -> Vec<String> {
+        std::fs::read_dir(&snapdir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| ready_too || !n.starts_with("stock-"))
+            .collect()
+    };
     for _ in 0..100 {
-        if std::fs::read_dir(&snapdir).unwrap().next().is_none() {
+        if entries(false).is_empty() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(
-        std::fs::read_dir(&snapdir).unwrap().next().is_none(),
+    assert_eq!(
+        entries(false),
+        Vec::<String>::new(),
         "directories left in {}",
         snapdir.display()
     );
@@ -187,6 +196,11 @@ fn end_to_end(mode: &str) {
     let status = server.stop();
     assert!(status.success(), "SIGTERM is a clean shutdown: {status:?}");
     assert!(!socket.exists(), "socket removed");
+    assert_eq!(
+        entries(true),
+        Vec::<String>::new(),
+        "a stopped server leaves nothing"
+    );
     let left: Vec<_> = strata_overlay::mount::mounts_below(d).unwrap();
     assert!(left.is_empty(), "mounts left: {left:?}");
 }

@@ -136,7 +136,24 @@ async fn check(socket: PathBuf, acked: &Acked, snapdir: &std::path::Path) {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        if dirs.len() == live && dirs.iter().all(|d| d.parse::<i64>().is_ok()) {
+        // Besides the records' dirs, the server keeps up to 4 empty ones ready for Prepare
+        // (`stock-*`, each complete: an empty fs/ and work/); half-made ones are swept.
+        let (ready, rest): (Vec<&String>, Vec<&String>) =
+            dirs.iter().partition(|d| d.starts_with("stock-"));
+        let ready_ok = ready.len() <= 4
+            && ready.iter().all(|r| {
+                let mut inside: Vec<String> = std::fs::read_dir(snapdir.join(r))
+                    .map(|it| {
+                        it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                inside.sort();
+                inside == ["fs", "work"]
+                    && std::fs::read_dir(snapdir.join(r).join("fs"))
+                        .is_ok_and(|mut d| d.next().is_none())
+            });
+        if ready_ok && rest.len() == live && rest.iter().all(|d| d.parse::<i64>().is_ok()) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
