@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyXattr, Request,
 };
 use nix::sys::stat::FileStat;
 use strata_overlay::whiteout::is_overlay_xattr;
@@ -48,7 +48,7 @@ impl Drop for Writing<'_> {
 enum Handle {
     File(Arc<File>),
     /// A directory's merged listing, taken at opendir: (name, node, type).
-    Dir(Arc<Vec<(std::ffi::OsString, u64, FileType)>>),
+    Dir(Arc<Listing>),
 }
 
 /// The union filesystem served over FUSE.
@@ -84,6 +84,15 @@ fn file_type(mode: u32) -> FileType {
         libc::S_IFSOCK => FileType::Socket,
         _ => FileType::RegularFile,
     }
+}
+
+/// An open directory: each entry's name, node, type and (but for "." and "..") attributes.
+type Listing = Vec<(std::ffi::OsString, u64, FileType, Option<FileStat>)>;
+
+/// A non-directory with several links: its identity, under which all its names are one node.
+fn linked(st: &FileStat) -> Option<(u64, u64)> {
+    (st.st_mode & libc::S_IFMT != libc::S_IFDIR && st.st_nlink > 1)
+        .then_some((st.st_dev, st.st_ino))
 }
 
 fn attr(ino: u64, st: &FileStat) -> FileAttr {
@@ -175,7 +184,7 @@ impl Union {
     /// The entry reply for `rel` after a change.
     fn entry_of(&self, rel: &Path) -> Result<FileAttr, Errno> {
         let r = self.stack.resolve(rel).ok_or(Errno::ENOENT)?;
-        Ok(attr(self.nodes.number(rel), r.stat()))
+        Ok(attr(self.nodes.number_of(rel, linked(r.stat())), r.stat()))
     }
 
     /// The merged view's entry for node `ino`: its path and what it is now.
@@ -208,6 +217,20 @@ impl Union {
         Ok((path, r))
     }
 
+    /// Copies `path` up; a hard-linked file keeps its node under its upper identity (copy-up
+    /// links all its names in the upper).
+    fn copy_up(&self, up: &crate::ops::Upper, path: &Path) -> Result<(), Errno> {
+        up.copy_up(&self.stack, path)?;
+        if let Some(k) = nix::sys::stat::lstat(&up.root.join(path))
+            .ok()
+            .as_ref()
+            .and_then(linked)
+        {
+            self.nodes.same_file(k, self.nodes.number(path));
+        }
+        Ok(())
+    }
+
     /// The real path holding `path` in the merged view.
     fn real(&self, path: &Path, r: &Resolved) -> PathBuf {
         self.stack.path(r.layer(), path)
@@ -234,7 +257,7 @@ impl Union {
         }
     }
 
-    fn listing(&self, fh: u64) -> Option<Arc<Vec<(std::ffi::OsString, u64, FileType)>>> {
+    fn listing(&self, fh: u64) -> Option<Arc<Listing>> {
         match self
             .handles
             .lock()
@@ -271,6 +294,20 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
 }
 
 impl fuser::Filesystem for Union {
+    /// Asks the kernel for what makes a union fast: readdirplus (attributes with the listing,
+    /// used when the kernel sees lookups follow a readdir), parallel lookups in one directory,
+    /// more requests in flight, and the largest reads ahead it allows.
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        use fuser::InitFlags as F;
+        let want = F::FUSE_DO_READDIRPLUS | F::FUSE_READDIRPLUS_AUTO | F::FUSE_PARALLEL_DIROPS;
+        let _ = config.add_capabilities(want & config.capabilities());
+        let _ = config.set_max_background(64);
+        let _ = config
+            .set_max_readahead(u32::MAX)
+            .or_else(|max| config.set_max_readahead(max));
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let r = (|| {
             let (ppath, p) = self.resolve(parent.0)?;
@@ -282,7 +319,7 @@ impl fuser::Filesystem for Union {
                 .lookup(&layers, &ppath, name)
                 .ok_or(Errno::ENOENT)?;
             let path = ppath.join(name);
-            let ino = self.nodes.number(&path);
+            let ino = self.nodes.number_of(&path, linked(child.stat()));
             Ok(attr(ino, child.stat()))
         })();
         match r {
@@ -322,7 +359,7 @@ impl fuser::Filesystem for Union {
             let trunc = flags.0 & libc::O_TRUNC != 0;
             let real = if write || trunc {
                 let (up, _writing) = self.upper()?;
-                up.copy_up(&self.stack, &path)?;
+                self.copy_up(up, &path)?;
                 up.root.join(&path)
             } else {
                 self.real(&path, &r)
@@ -409,7 +446,7 @@ impl fuser::Filesystem for Union {
         let r = (|| {
             let (up, _writing) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
-            up.copy_up(&self.stack, &path)?;
+            self.copy_up(up, &path)?;
             let real = up.root.join(&path);
             if let Some(m) = mode {
                 std::fs::set_permissions(
@@ -650,7 +687,7 @@ impl fuser::Filesystem for Union {
             if matches!(&src, Resolved::Dir { layers, .. } if layers[..] != [0]) {
                 up.copy_up_tree(&self.stack, &from)?;
             } else {
-                up.copy_up(&self.stack, &from)?;
+                self.copy_up(up, &from)?;
             }
             if let Some(p) = to.parent() {
                 up.ensure_dir(&self.stack, p)?;
@@ -690,9 +727,13 @@ impl fuser::Filesystem for Union {
         let r = (|| {
             let (up, _writing) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
-            up.copy_up(&self.stack, &path)?;
+            self.copy_up(up, &path)?;
             let (rel, _) = self.new_name(newparent.0, newname)?;
             std::fs::hard_link(up.root.join(&path), up.root.join(&rel)).map_err(errno)?;
+            self.nodes.add_name(&rel, ino.0);
+            if let Ok(m) = nix::sys::stat::lstat(&up.root.join(&rel)) {
+                self.nodes.same_file((m.st_dev, m.st_ino), ino.0);
+            }
             let r = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?;
             // Both names are one inode: reply with the linked node's number.
             Ok(attr(ino.0, r.stat()))
@@ -792,7 +833,7 @@ impl fuser::Filesystem for Union {
             }
             let (up, _writing) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
-            up.copy_up(&self.stack, &path)?;
+            self.copy_up(up, &path)?;
             crate::sys::lsetxattr(&up.root.join(&path), name, value).map_err(errno)
         })();
         match r {
@@ -808,7 +849,7 @@ impl fuser::Filesystem for Union {
             }
             let (up, _writing) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
-            up.copy_up(&self.stack, &path)?;
+            self.copy_up(up, &path)?;
             crate::sys::lremovexattr(&up.root.join(&path), name).map_err(errno)
         })();
         match r {
@@ -840,12 +881,16 @@ impl fuser::Filesystem for Union {
                 .parent()
                 .map_or(crate::node::ROOT, |p| self.nodes.number(p));
             let mut list = vec![
-                (".".into(), ino.0, FileType::Directory),
-                ("..".into(), parent, FileType::Directory),
+                (".".into(), ino.0, FileType::Directory, None),
+                ("..".into(), parent, FileType::Directory, None),
             ];
             for (name, e) in names {
-                let n = self.nodes.number(&path.join(&name));
-                list.push((name, n, file_type(e.kind)));
+                // Each entry's attributes: readdirplus answers them, and a hard-linked file's
+                // number is its node's whatever name this is.
+                let rel = path.join(&name);
+                let st = nix::sys::stat::lstat(&self.stack.path(e.layer, &rel)).ok();
+                let n = self.nodes.number_of(&rel, st.as_ref().and_then(linked));
+                list.push((name, n, file_type(e.kind), st));
             }
             Ok(self.add_handle(Handle::Dir(Arc::new(list))))
         })();
@@ -866,12 +911,68 @@ impl fuser::Filesystem for Union {
         let Some(list) = self.listing(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        for (i, (name, n, kind)) in list.iter().enumerate().skip(offset as usize) {
+        for (i, (name, n, kind, _)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*n), (i + 1) as u64, *kind, name) {
                 break;
             }
         }
         reply.ok();
+    }
+
+    /// readdir with each entry's attributes: `ls -l`, `find` and `stat` over a listing need no
+    /// lookup per entry. "." and ".." are listed without attributes (the kernel skips them).
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(list) = self.listing(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (name, n, _, st)) in list.iter().enumerate().skip(offset as usize) {
+            let Some(st) = st else {
+                continue; // "." and "..": the kernel looks nothing up for them
+            };
+            if reply.add(
+                INodeNo(*n),
+                (i + 1) as u64,
+                name,
+                &TTL,
+                &attr(*n, st),
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Some(f) = self.file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let r = nix::fcntl::fallocate(
+            &*f,
+            nix::fcntl::FallocateFlags::from_bits_truncate(mode),
+            offset as i64,
+            length as i64,
+        );
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Errno::from_i32(e as i32)),
+        }
     }
 
     fn releasedir(

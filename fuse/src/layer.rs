@@ -12,10 +12,11 @@
 //!   directories of the same path below it (until an opaque one or a non-directory);
 //! - the marker names themselves (`.wh.*`) are never part of the merged view.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use nix::fcntl::AtFlags;
 use nix::sys::stat::{FileStat, fstatat};
@@ -43,6 +44,41 @@ pub struct Layer {
 #[derive(Debug, Clone)]
 pub struct Stack {
     layers: Vec<Layer>,
+    links: LinkIndex,
+}
+
+/// Per lower layer, built on first need: every file with more than one link, by
+/// `(st_dev, st_ino)`, with all its names in that layer. Lowers never change under a mount.
+#[derive(Clone, Default)]
+struct LinkIndex(Arc<Mutex<HashMap<usize, Arc<LinkNames>>>>);
+
+type LinkNames = HashMap<(u64, u64), Vec<PathBuf>>;
+
+impl std::fmt::Debug for LinkIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkIndex")
+    }
+}
+
+fn index_links(root: &Path) -> LinkNames {
+    use std::os::unix::fs::MetadataExt;
+    let mut names = LinkNames::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            let child = rel.join(e.file_name());
+            if m.is_dir() {
+                todo.push(child);
+            } else if m.nlink() > 1 {
+                names.entry((m.dev(), m.ino())).or_default().push(child);
+            }
+        }
+    }
+    names
 }
 
 /// What a path is in the merged view.
@@ -130,7 +166,21 @@ pub fn is_marker(name: &OsStr) -> bool {
 impl Stack {
     /// A stack of `layers`, top first.
     pub fn new(layers: Vec<Layer>) -> Stack {
-        Stack { layers }
+        Stack {
+            layers,
+            links: LinkIndex::default(),
+        }
+    }
+
+    /// Every name in lower layer `layer` of the file `(st_dev, st_ino)` (hard links).
+    pub fn link_names(&self, layer: usize, file: (u64, u64)) -> Vec<PathBuf> {
+        let index = {
+            let mut all = self.links.0.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(layer)
+                .or_insert_with(|| Arc::new(index_links(&self.layers[layer].root)))
+                .clone()
+        };
+        index.get(&file).cloned().unwrap_or_default()
     }
 
     /// The layers, top first.

@@ -3,6 +3,12 @@
 //! for a mount without `xino` games). Nodes are looked up by number on every request and by
 //! path on every lookup; both maps sit behind one `RwLock`, taken for writing only when a path
 //! is seen for the first time.
+//!
+//! Hard links: a non-directory with several links is one node whatever name it is reached by.
+//! Its first name is the node's path; further names are aliases, found by the file's
+//! `(st_dev, st_ino)` when first looked up, and one of them takes over when the path is
+//! unlinked. After a copy-up moves a linked file to the upper, [`Nodes::same_file`] ties the
+//! upper inode to the node, so names looked up later still find it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +21,32 @@ pub const ROOT: u64 = 1;
 struct Table {
     paths: Vec<PathBuf>,
     by_path: HashMap<PathBuf, u64>,
+    /// Linked files' `(st_dev, st_ino)` -> node.
+    by_file: HashMap<(u64, u64), u64>,
+    /// Node -> the `by_file` keys pointing at it.
+    files: HashMap<u64, Vec<(u64, u64)>>,
+    /// Node -> its names besides `paths[n]`.
+    aliases: HashMap<u64, Vec<PathBuf>>,
+}
+
+impl Table {
+    /// `p`, a name of node `n`, is gone: another name takes over, or the node is nameless (its
+    /// file identities are dropped, so a reused inode number cannot find it).
+    fn unname(&mut self, p: &Path, n: u64) {
+        let aliases = self.aliases.entry(n).or_default();
+        aliases.retain(|a| a != p);
+        if self.paths[n as usize] == p {
+            match aliases.pop() {
+                Some(next) => self.paths[n as usize] = next,
+                None => {
+                    self.aliases.remove(&n);
+                    for k in self.files.remove(&n).unwrap_or_default() {
+                        self.by_file.remove(&k);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Node numbers <-> relative paths in the merged view.
@@ -51,6 +83,12 @@ impl Nodes {
 
     /// The number of `path`, given one on first sight.
     pub fn number(&self, path: &Path) -> u64 {
+        self.number_of(path, None)
+    }
+
+    /// The number of `path` whose entry is the file `(st_dev, st_ino)` when it is a
+    /// non-directory with more than one link: another name of the same file has its number.
+    pub fn number_of(&self, path: &Path, linked: Option<(u64, u64)>) -> u64 {
         if let Some(&n) = self
             .table
             .read()
@@ -64,10 +102,37 @@ impl Nodes {
         if let Some(&n) = t.by_path.get(path) {
             return n;
         }
+        if let Some(&n) = linked.and_then(|k| t.by_file.get(&k)) {
+            t.by_path.insert(path.to_path_buf(), n);
+            t.aliases.entry(n).or_default().push(path.to_path_buf());
+            return n;
+        }
         let n = t.paths.len() as u64;
         t.paths.push(path.to_path_buf());
         t.by_path.insert(path.to_path_buf(), n);
+        if let Some(k) = linked {
+            t.by_file.insert(k, n);
+            t.files.entry(n).or_default().push(k);
+        }
         n
+    }
+
+    /// `path` is a new name of node `n` (a hard link made through the mount).
+    pub fn add_name(&self, path: &Path, n: u64) {
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = t.by_path.insert(path.to_path_buf(), n) {
+            if old != n {
+                t.unname(path, old);
+            }
+        }
+        t.aliases.entry(n).or_default().push(path.to_path_buf());
+    }
+
+    /// The file `(st_dev, st_ino)` is node `n` too (its copy in the upper, after a copy-up).
+    pub fn same_file(&self, key: (u64, u64), n: u64) {
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        t.by_file.insert(key, n);
+        t.files.entry(n).or_default().push(key);
     }
 
     /// Forgets the number of `path` (it was deleted): a new entry there gets a new number, so an
@@ -81,7 +146,9 @@ impl Nodes {
             .cloned()
             .collect();
         for p in gone {
-            t.by_path.remove(&p);
+            if let Some(n) = t.by_path.remove(&p) {
+                t.unname(&p, n);
+            }
         }
     }
 
@@ -106,7 +173,15 @@ impl Nodes {
             };
             t.by_path.remove(&p);
             t.by_path.insert(new.clone(), n);
-            t.paths[n as usize] = new;
+            if t.paths[n as usize] == p {
+                t.paths[n as usize] = new;
+            } else if let Some(a) = t
+                .aliases
+                .get_mut(&n)
+                .and_then(|v| v.iter_mut().find(|a| **a == p))
+            {
+                *a = new;
+            }
         }
     }
 
@@ -151,5 +226,35 @@ mod tests {
             a,
             "a deleted path's number is not reused"
         );
+    }
+
+    #[test]
+    fn hard_links_share_a_node_that_outlives_its_first_name() {
+        let n = Nodes::new();
+        let f = Some((7, 42));
+        let a = n.number_of(Path::new("d/a"), f);
+        let b = n.number_of(Path::new("b"), f);
+        assert_eq!(a, b, "two names of one file are one node");
+        assert_ne!(n.number_of(Path::new("c"), Some((7, 43))), a);
+        n.forget_path(Path::new("d"));
+        assert_eq!(
+            n.path(a).unwrap(),
+            Path::new("b"),
+            "the other name takes over"
+        );
+        n.rename(Path::new("b"), Path::new("e"));
+        assert_eq!(n.path(a).unwrap(), Path::new("e"));
+        n.same_file((8, 1), a);
+        assert_eq!(n.number_of(Path::new("up"), Some((8, 1))), a);
+        n.forget_path(Path::new("e"));
+        assert_eq!(n.path(a).unwrap(), Path::new("up"));
+        n.forget_path(Path::new("up"));
+        assert_ne!(
+            n.number_of(Path::new("new"), Some((8, 1))),
+            a,
+            "a nameless node's inode identity is dropped"
+        );
+        n.add_name(Path::new("x"), b);
+        assert_eq!(n.number(Path::new("x")), b);
     }
 }

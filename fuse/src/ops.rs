@@ -178,8 +178,39 @@ impl Upper {
         })();
         if made.is_err() {
             let _ = std::fs::remove_file(&tmp);
+            return made;
         }
-        made
+        if ft.is_file() && meta.nlink() > 1 {
+            self.link_up(stack, r.layer(), rel, &meta)?;
+        }
+        Ok(())
+    }
+
+    /// After a copy-up of a hard-linked lower file: every other name the merged view still
+    /// shows for that lower file becomes a link to the copy, so the names stay one file (as
+    /// kernel overlay keeps them with `index=on`), in the merged view and in the layer diff.
+    fn link_up(
+        &self,
+        stack: &Stack,
+        layer: usize,
+        rel: &Path,
+        meta: &std::fs::Metadata,
+    ) -> Result<(), Errno> {
+        for other in stack.link_names(layer, (meta.dev(), meta.ino())) {
+            if other == rel {
+                continue;
+            }
+            let same = matches!(stack.resolve(&other), Some(Resolved::File { layer: l, stat })
+                if l == layer && stat.st_ino == meta.ino() && stat.st_dev == meta.dev());
+            if !same {
+                continue; // deleted, replaced or already copied up on its own
+            }
+            if let Some(p) = other.parent() {
+                self.ensure_dir(stack, p)?;
+            }
+            std::fs::hard_link(self.root.join(rel), self.root.join(&other)).map_err(errno)?;
+        }
+        Ok(())
     }
 
     /// Copies the whole merged tree at `rel` (a directory) into the upper and marks the upper

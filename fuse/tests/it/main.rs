@@ -1,3 +1,4 @@
 //! Integration tests of the FUSE crate.
 
 mod model;
+mod posix;

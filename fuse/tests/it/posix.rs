@@ -1,0 +1,277 @@
+//! POSIX behaviour of a writable FUSE union, one operation at a time: hard links across
+//! copy-up, POSIX record locks between processes, shared writable mmap, fallocate, files over
+//! 4 GiB, O_DIRECT, and the errors callers rely on.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use strata_fuse::layer::{Layer, LayerKind, Stack};
+
+/// A FUSE union of one lower (filled by `fill`) under a fresh upper, unmounted on drop.
+struct Union {
+    _t: tempfile::TempDir,
+    lower: PathBuf,
+    upper: PathBuf,
+    at: PathBuf,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl Union {
+    fn new(fill: impl FnOnce(&Path)) -> Union {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the FUSE tests mount file systems: run them as root"
+        );
+        std::fs::create_dir_all("/var/tmp").unwrap();
+        let t = tempfile::Builder::new()
+            .prefix("strata-posix-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let d = |n: &str| {
+            let p = t.path().join(n);
+            std::fs::create_dir(&p).unwrap();
+            p
+        };
+        let (lower, upper, work, at) = (d("lower"), d("upper"), d("work"), d("m"));
+        fill(&lower);
+        let stack = Stack::new(vec![
+            Layer {
+                root: upper.clone(),
+                kind: LayerKind::Upper,
+            },
+            Layer {
+                root: lower.clone(),
+                kind: LayerKind::Lower,
+            },
+        ]);
+        let session = fuser::spawn_mount2(
+            strata_fuse::Union::writable(stack, work),
+            &at,
+            &strata_fuse::fs::config("strata-posix", 2, false),
+        )
+        .unwrap();
+        Union {
+            _t: t,
+            lower,
+            upper,
+            at,
+            session: Some(session),
+        }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.at.join(rel)
+    }
+}
+
+impl Drop for Union {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            strata_fuse::fs::ended(s.umount_and_join()).unwrap();
+        }
+    }
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
+    r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
+}
+
+#[test]
+fn hard_links_stay_one_file_after_copy_up() {
+    let u = Union::new(|l| {
+        std::fs::create_dir(l.join("d")).unwrap();
+        std::fs::write(l.join("a"), b"old").unwrap();
+        std::fs::hard_link(l.join("a"), l.join("d/b")).unwrap();
+        std::fs::write(l.join("single"), b"1").unwrap();
+    });
+    let (a, b) = (
+        std::fs::metadata(u.p("a")).unwrap(),
+        std::fs::metadata(u.p("d/b")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "one file, two names");
+    std::fs::write(u.p("a"), b"new").unwrap(); // copy-up on write
+    assert_eq!(
+        std::fs::read(u.p("d/b")).unwrap(),
+        b"new",
+        "the other name sees the write"
+    );
+    let (a2, b2) = (
+        std::fs::metadata(u.p("a")).unwrap(),
+        std::fs::metadata(u.p("d/b")).unwrap(),
+    );
+    assert_eq!(a2.ino(), a.ino(), "inode numbers are stable across copy-up");
+    assert_eq!((b2.ino(), b2.nlink()), (a.ino(), 2));
+    // In the upper, as a layer diff will see it: one inode, both names.
+    let (ua, ub) = (
+        std::fs::metadata(u.upper.join("a")).unwrap(),
+        std::fs::metadata(u.upper.join("d/b")).unwrap(),
+    );
+    assert_eq!((ua.ino(), ua.nlink()), (ub.ino(), 2));
+    assert_eq!(
+        std::fs::read(u.lower.join("a")).unwrap(),
+        b"old",
+        "the lower is untouched"
+    );
+    // A new link through the mount joins the same file; unlinking the first name keeps it.
+    std::fs::hard_link(u.p("d/b"), u.p("c")).unwrap();
+    assert_eq!(std::fs::metadata(u.p("c")).unwrap().ino(), a.ino());
+    std::fs::remove_file(u.p("a")).unwrap();
+    let c = std::fs::metadata(u.p("c")).unwrap();
+    assert_eq!((c.ino(), c.nlink()), (a.ino(), 2));
+    std::fs::write(u.p("c"), b"via c").unwrap();
+    assert_eq!(std::fs::read(u.p("d/b")).unwrap(), b"via c");
+    assert!(!u.p("a").exists());
+    // An unlinked file is still one copy-up apart from nothing else.
+    std::fs::write(u.p("single"), b"2").unwrap();
+    assert_eq!(
+        std::fs::metadata(u.upper.join("single")).unwrap().nlink(),
+        1
+    );
+}
+
+#[test]
+fn posix_locks_conflict_between_processes() {
+    let u = Union::new(|l| std::fs::write(l.join("f"), b"data").unwrap());
+    let path = u.p("f");
+    // Another process holds a write lock on the file through the mount.
+    let mut holder = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()")
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (apt-get install python3)");
+    let mut line = [0u8; 7];
+    holder
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    assert_eq!(&line, b"locked\n");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let lock = |kind| libc::flock {
+        l_type: kind as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    let busy = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETLK(&lock(libc::F_WRLCK)));
+    assert!(
+        matches!(
+            busy,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES)
+        ),
+        "{busy:?}"
+    );
+    let mut probe = lock(libc::F_WRLCK);
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETLK(&mut probe)).unwrap();
+    assert_eq!(probe.l_pid as u32, holder.id(), "F_GETLK names the holder");
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETLK(&lock(libc::F_WRLCK))).unwrap();
+}
+
+#[test]
+fn shared_writable_mmap_reaches_the_upper() {
+    let u = Union::new(|l| std::fs::write(l.join("m"), vec![b'a'; 8192]).unwrap());
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(u.p("m"))
+        .unwrap();
+    // SAFETY: the file is only changed through this map while it lives.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&f) }.unwrap();
+    map[0..5].copy_from_slice(b"hello");
+    map[8191] = b'z';
+    map.flush().unwrap();
+    drop(map);
+    drop(f);
+    let up = std::fs::read(u.upper.join("m")).unwrap();
+    assert_eq!((&up[..5], up[8191], up.len()), (&b"hello"[..], b'z', 8192));
+    assert_eq!(std::fs::read(u.lower.join("m")).unwrap()[0], b'a');
+}
+
+#[test]
+fn fallocate_large_files_and_o_direct() {
+    let u = Union::new(|_| {});
+    let f = std::fs::File::create(u.p("big")).unwrap();
+    nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, 1 << 20).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+    assert!(
+        std::fs::metadata(u.upper.join("big")).unwrap().blocks() * 512 >= 1 << 20,
+        "allocated"
+    );
+    // Past 4 GiB, sparse.
+    let far = 5u64 << 30;
+    std::os::unix::fs::FileExt::write_all_at(&f, b"end", far).unwrap();
+    drop(f);
+    let m = std::fs::metadata(u.p("big")).unwrap();
+    assert_eq!(m.len(), far + 3);
+    let mut tail = [0u8; 3];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(u.p("big")).unwrap(),
+        &mut tail,
+        far,
+    )
+    .unwrap();
+    assert_eq!(&tail, b"end");
+    // O_DIRECT with page-aligned buffers (anonymous maps are).
+    let mut buf = memmap2::MmapMut::map_anon(4096).unwrap();
+    buf.fill(b'd');
+    let mut d = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(u.p("direct"))
+        .unwrap();
+    d.write_all(&buf).unwrap();
+    drop(d);
+    let mut back = memmap2::MmapMut::map_anon(4096).unwrap();
+    let mut d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(u.p("direct"))
+        .unwrap();
+    d.read_exact(&mut back).unwrap();
+    assert!(back.iter().all(|&b| b == b'd'));
+}
+
+#[test]
+fn errors_callers_rely_on() {
+    let u = Union::new(|l| {
+        std::fs::create_dir_all(l.join("dir/sub")).unwrap();
+        std::fs::write(l.join("dir/sub/f"), b"x").unwrap();
+        std::fs::write(l.join("file"), b"x").unwrap();
+        std::os::unix::fs::symlink("loop2", l.join("loop1")).unwrap();
+        std::os::unix::fs::symlink("loop1", l.join("loop2")).unwrap();
+    });
+    assert_eq!(errno_of(std::fs::File::open(u.p("missing"))), libc::ENOENT);
+    assert_eq!(errno_of(std::fs::remove_dir(u.p("dir"))), libc::ENOTEMPTY);
+    assert_eq!(
+        errno_of(std::fs::OpenOptions::new().write(true).open(u.p("dir"))),
+        libc::EISDIR
+    );
+    assert_eq!(errno_of(std::fs::File::open(u.p("loop1"))), libc::ELOOP);
+    assert_eq!(errno_of(std::fs::File::open(u.p("file/x"))), libc::ENOTDIR);
+    assert_eq!(errno_of(std::fs::remove_file(u.p("dir"))), libc::EISDIR);
+    assert_eq!(errno_of(std::fs::create_dir(u.p("file"))), libc::EEXIST);
+    // Renaming a lower directory works (never EXDEV), its content comes along.
+    std::fs::rename(u.p("dir"), u.p("moved")).unwrap();
+    assert_eq!(std::fs::read(u.p("moved/sub/f")).unwrap(), b"x");
+    assert!(!u.p("dir").exists());
+    // A deleted lower file stays deleted, and its name can be reused.
+    std::fs::remove_file(u.p("file")).unwrap();
+    assert_eq!(errno_of(std::fs::metadata(u.p("file"))), libc::ENOENT);
+    std::fs::write(u.p("file"), b"again").unwrap();
+    assert_eq!(std::fs::read(u.p("file")).unwrap(), b"again");
+}
