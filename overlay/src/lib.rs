@@ -10,6 +10,7 @@
 //! - [`archive`]: a strict streaming tar reader and a deterministic tar writer.
 //! - [`mod@apply`]: OCI layer blob (tar, gzip, zstd) -> layer directory, safely and atomically.
 //! - [`diff`]: layer directory (native) or two trees (generic) -> OCI layer blob; change lists.
+//! - [`form`]: the kernel, userxattr and `.wh.` forms of deletions and opaque dirs; check and convert.
 //! - [`whiteout`]: the OCI and overlayfs encodings of deletions, with their specs.
 //! - [`digest`], [`compress`]: sha256 digests and compression.
 //! - [`mount`], [`probe`]: kernel overlay mounts and feature probing.
@@ -23,6 +24,7 @@ pub mod compress;
 pub mod diff;
 pub mod digest;
 mod error;
+pub mod form;
 pub mod mount;
 pub mod probe;
 mod sys;

@@ -554,3 +554,22 @@ pub fn lutimes2(
     };
     cvt(r).map(drop)
 }
+
+/// `lremovexattr(2)` of `name` below `dir`; an absent attribute is fine.
+pub fn lremovexattr(dir: BorrowedFd<'_>, name: &CStr, attr: &CStr) -> io::Result<()> {
+    let path = proc_path(dir, name)?;
+    // SAFETY: the strings are NUL-terminated.
+    match cvt(unsafe { libc::lremovexattr(path.as_ptr(), attr.as_ptr()) }) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
+/// `fremovexattr(2)` on an open file; an absent attribute is fine.
+pub fn fremovexattr(fd: BorrowedFd<'_>, attr: &CStr) -> io::Result<()> {
+    // SAFETY: `attr` is NUL-terminated; the fd is borrowed for the call.
+    match cvt(unsafe { libc::fremovexattr(fd.as_raw_fd(), attr.as_ptr()) }) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+        r => r.map(drop),
+    }
+}

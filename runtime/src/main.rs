@@ -220,6 +220,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Layer(LayerCommand::Apply(a)) => layer_apply(a),
         Command::Layer(LayerCommand::Diff(a)) => layer_diff(a),
         Command::Layer(LayerCommand::Changes(a)) => layer_changes(a),
+        Command::Layer(LayerCommand::Check { dir, to, for_form }) => {
+            layer_check(&dir, to, for_form)
+        }
         Command::Layer(LayerCommand::Demo { keep }) => {
             strata_runtime::layer_demo::run(keep, &mut std::io::stdout())
         }
@@ -322,6 +325,41 @@ fn layer_diff(a: cli::DiffArgs) -> Result<()> {
         report.compression, report.entries, report.size, report.uncompressed
     );
     Ok(())
+}
+
+fn layer_check(dir: &Path, to: Option<String>, for_form: Option<String>) -> Result<()> {
+    use strata_overlay::form::{self, Form};
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let (report, form) = match to {
+        Some(to) => {
+            let to: Form = to.parse()?;
+            let r = form::convert(dir, to)
+                .with_context(|| format!("converting {} to the {to} form", dir.display()))?;
+            println!("{}: converted to the {to} form", dir.display());
+            (r, to)
+        }
+        None => {
+            let form = match for_form {
+                Some(f) => f.parse()?,
+                None if nix::unistd::geteuid().is_root() => Form::Kernel,
+                None => Form::UserXattr,
+            };
+            let r = form::check(dir).with_context(|| format!("checking {}", dir.display()))?;
+            (r, form)
+        }
+    };
+    println!("{}", report.summary());
+    let problems = report.problems(form);
+    if problems.is_empty() {
+        println!("mountable in the {form} form");
+        return Ok(());
+    }
+    for p in &problems {
+        println!("not in the {form} form: {p}");
+    }
+    std::process::exit(1);
 }
 
 fn layer_changes(a: cli::ChangesArgs) -> Result<()> {

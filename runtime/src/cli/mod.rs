@@ -366,6 +366,20 @@ pub enum LayerCommand {
     Diff(DiffArgs),
     /// List changes like `docker diff` (A added, C changed, D deleted).
     Changes(ChangesArgs),
+    /// Check that a layer or upper dir mounts with kernel overlay, or convert its whiteouts
+    /// and opaque dirs to another form (kernel: char 0:0 + trusted.overlay.*, userxattr:
+    /// char 0:0 + user.overlay.*, wh: OCI .wh. files). Exits 1 if it would not mount.
+    Check {
+        /// The layer directory.
+        dir: PathBuf,
+        /// Convert in place to this form: kernel, userxattr or wh.
+        #[arg(long)]
+        to: Option<String>,
+        /// Check against this form instead of the one this user mounts with (kernel as root,
+        /// userxattr otherwise).
+        #[arg(long = "for", conflicts_with = "to")]
+        for_form: Option<String>,
+    },
     /// Walk through a layer's lifecycle (apply, mount, change, diff, apply again).
     Demo {
         /// Keep the demo's directory instead of removing it.

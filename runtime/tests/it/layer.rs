@@ -537,3 +537,132 @@ fn strata_fuse_takes_fuse_overlayfs_arguments() {
     let out = run(fo().arg("m"));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lowerdir"));
 }
+
+/// `layer check`: a tree in the OCI `.wh.` form is reported as not kernel-mountable, converts
+/// to the kernel form (then kernel overlay hides what it deletes), to userxattr (mounts with
+/// `userxattr`), and back to `.wh.`; a tree with a redirect is refused for `.wh.`, unchanged.
+#[test]
+fn layer_check_converts_between_the_three_forms() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    let (lower, top) = (d.join("lower"), d.join("top"));
+    for p in ["lower/gone", "lower/dir/old", "lower/keep"] {
+        std::fs::create_dir_all(d.join(p).parent().unwrap()).unwrap();
+        std::fs::write(d.join(p), "lower\n").unwrap();
+    }
+    std::fs::create_dir_all(top.join("dir")).unwrap();
+    std::fs::write(top.join(".wh.gone"), "").unwrap();
+    std::fs::write(top.join("dir/.wh..wh..opq"), "").unwrap();
+    std::fs::write(top.join("dir/new"), "top\n").unwrap();
+    let check = |args: &[&str]| {
+        let mut c = strata();
+        c.args(["layer", "check"]).arg(&top).args(args);
+        run(&mut c)
+    };
+    let out = check(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("1 .wh. whiteout file(s)") && text.contains("1 .wh..wh..opq marker(s)"),
+        "{text}"
+    );
+
+    let mount_view = |opts: &str| -> Vec<String> {
+        let m = d.join("m");
+        let _ = std::fs::create_dir(&m);
+        ok(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "ro,lowerdir={}:{}{opts}",
+                top.display(),
+                lower.display()
+            ))
+            .arg(&m));
+        let mut names: Vec<String> = walkdir(&m);
+        names.sort();
+        ok(Command::new("umount").arg(&m));
+        names
+    };
+    let want = vec!["dir".to_string(), "dir/new".into(), "keep".into()];
+
+    let out = ok(strata()
+        .args(["layer", "check"])
+        .arg(&top)
+        .args(["--to", "kernel"]));
+    assert!(out.contains("mountable in the kernel form"), "{out}");
+    assert!(
+        std::fs::symlink_metadata(top.join("gone"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert!(!top.join(".wh.gone").exists() && !top.join("dir/.wh..wh..opq").exists());
+    assert_eq!(
+        mount_view(""),
+        want,
+        "kernel overlay hides what the layer deletes"
+    );
+
+    ok(strata()
+        .args(["layer", "check"])
+        .arg(&top)
+        .args(["--to", "userxattr"]));
+    let out = check(&["--for", "kernel"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "user.overlay.opaque is not the kernel form"
+    );
+    assert!(check(&["--for", "userxattr"]).status.success());
+    assert_eq!(mount_view(",userxattr"), want);
+
+    ok(strata()
+        .args(["layer", "check"])
+        .arg(&top)
+        .args(["--to", "wh"]));
+    assert!(top.join(".wh.gone").exists() && top.join("dir/.wh..wh..opq").exists());
+    assert!(!top.join("gone").exists());
+    assert!(check(&["--for", "wh"]).status.success());
+
+    // A redirect cannot be written in the wh form: refused, nothing changed.
+    ok(strata()
+        .args(["layer", "check"])
+        .arg(&top)
+        .args(["--to", "kernel"]));
+    ok(Command::new("setfattr")
+        .args(["-n", "trusted.overlay.redirect", "-v", "/elsewhere"])
+        .arg(top.join("dir")));
+    let before = walkdir(&top);
+    fails(
+        strata()
+            .args(["layer", "check"])
+            .arg(&top)
+            .args(["--to", "wh"]),
+        "cannot express",
+    );
+    assert_eq!(walkdir(&top), before);
+    assert!(
+        std::fs::symlink_metadata(top.join("gone"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+}
+
+fn walkdir(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let r = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                todo.push(r.clone());
+            }
+            out.push(r.display().to_string());
+        }
+    }
+    out.sort();
+    out
+}
