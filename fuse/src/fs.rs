@@ -220,13 +220,8 @@ impl Union {
     /// Copies `path` up; a hard-linked file keeps its node under its upper identity (copy-up
     /// links all its names in the upper).
     fn copy_up(&self, up: &crate::ops::Upper, path: &Path) -> Result<(), Errno> {
-        up.copy_up(&self.stack, path)?;
-        if let Some(k) = nix::sys::stat::lstat(&up.root.join(path))
-            .ok()
-            .as_ref()
-            .and_then(linked)
-        {
-            self.nodes.same_file(k, self.nodes.number(path));
+        if let Some(copy) = up.copy_up(&self.stack, path)? {
+            self.nodes.same_file(copy, self.nodes.number(path));
         }
         Ok(())
     }
@@ -885,12 +880,9 @@ impl fuser::Filesystem for Union {
                 ("..".into(), parent, FileType::Directory, None),
             ];
             for (name, e) in names {
-                // Each entry's attributes: readdirplus answers them, and a hard-linked file's
-                // number is its node's whatever name this is.
-                let rel = path.join(&name);
-                let st = nix::sys::stat::lstat(&self.stack.path(e.layer, &rel)).ok();
-                let n = self.nodes.number_of(&rel, st.as_ref().and_then(linked));
-                list.push((name, n, file_type(e.kind), st));
+                // A hard-linked file's number is its node's, whatever name this is.
+                let n = self.nodes.number_of(&path.join(&name), linked(&e.stat));
+                list.push((name, n, file_type(e.kind()), Some(e.stat)));
             }
             Ok(self.add_handle(Handle::Dir(Arc::new(list))))
         })();

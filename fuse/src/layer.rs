@@ -119,12 +119,19 @@ impl Resolved {
 }
 
 /// One name of a merged directory listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DirEntry {
     /// The layer it comes from (the topmost that has it).
     pub layer: usize,
+    /// Its `lstat` there (the listing needs it to see whiteouts; readdirplus answers with it).
+    pub stat: FileStat,
+}
+
+impl DirEntry {
     /// Its file type bits (`S_IFMT` part of `st_mode`).
-    pub kind: u32,
+    pub fn kind(&self) -> u32 {
+        kind(&self.stat)
+    }
 }
 
 fn lstat(path: &Path) -> Option<FileStat> {
@@ -306,13 +313,7 @@ impl Stack {
                     hidden.insert(name);
                     continue;
                 }
-                out.insert(
-                    name,
-                    DirEntry {
-                        layer: i,
-                        kind: kind(&st),
-                    },
-                );
+                out.insert(name, DirEntry { layer: i, stat: st });
             }
             // `.wh.NAME` hides NAME below this layer (this layer's own NAME, if any, stays).
             hidden.extend(whiteouts);

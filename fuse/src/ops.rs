@@ -142,14 +142,15 @@ impl Upper {
     }
 
     /// Copies `rel` up into the upper if it is not there yet (directories: the directory
-    /// itself, not its contents).
-    pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
+    /// itself, not its contents). For a hard-linked file copied now, the copy's
+    /// `(st_dev, st_ino)`: all its names are that file from now on.
+    pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<Option<(u64, u64)>, Errno> {
         let r = stack.resolve(rel).ok_or(Errno::ENOENT)?;
         if r.layer() == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if let Resolved::Dir { .. } = r {
-            return self.ensure_dir(stack, rel);
+            return self.ensure_dir(stack, rel).map(|()| None);
         }
         if let Some(p) = rel.parent() {
             self.ensure_dir(stack, p)?;
@@ -176,14 +177,14 @@ impl Upper {
             copy_meta(&src, &tmp, &meta)?;
             std::fs::rename(&tmp, self.root.join(rel)).map_err(errno)
         })();
-        if made.is_err() {
+        if let Err(e) = made {
             let _ = std::fs::remove_file(&tmp);
-            return made;
+            return Err(e);
         }
         if ft.is_file() && meta.nlink() > 1 {
-            self.link_up(stack, r.layer(), rel, &meta)?;
+            return self.link_up(stack, r.layer(), rel, &meta).map(Some);
         }
-        Ok(())
+        Ok(None)
     }
 
     /// After a copy-up of a hard-linked lower file: every other name the merged view still
@@ -195,7 +196,7 @@ impl Upper {
         layer: usize,
         rel: &Path,
         meta: &std::fs::Metadata,
-    ) -> Result<(), Errno> {
+    ) -> Result<(u64, u64), Errno> {
         for other in stack.link_names(layer, (meta.dev(), meta.ino())) {
             if other == rel {
                 continue;
@@ -210,7 +211,8 @@ impl Upper {
             }
             std::fs::hard_link(self.root.join(rel), self.root.join(&other)).map_err(errno)?;
         }
-        Ok(())
+        let copy = std::fs::symlink_metadata(self.root.join(rel)).map_err(errno)?;
+        Ok((copy.dev(), copy.ino()))
     }
 
     /// Copies the whole merged tree at `rel` (a directory) into the upper and marks the upper
@@ -222,7 +224,7 @@ impl Upper {
         };
         for (name, e) in stack.read_dir(&layers, rel).map_err(errno)? {
             let child = rel.join(&name);
-            if e.kind == libc::S_IFDIR {
+            if e.kind() == libc::S_IFDIR {
                 self.copy_up_tree(stack, &child)?;
             } else {
                 self.copy_up(stack, &child)?;
