@@ -522,13 +522,12 @@ impl Snapshotter {
                 found.push(e.path());
             }
         }
-        if self.ready_dirs == 0 {
-            for p in found {
-                self.reap(p);
-            }
-            return Ok(());
+        // A kill between Prepare taking a dir and renaming it into place, with its replacement
+        // already made, leaves one more than the stock holds: extras go.
+        while found.len() > self.ready_dirs {
+            self.reap(found.pop().expect("longer than ready_dirs"));
         }
-        let missing = self.ready_dirs.saturating_sub(found.len());
+        let missing = self.ready_dirs - found.len();
         self.stock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
