@@ -45,6 +45,11 @@ pub struct ApplyOptions {
     /// paths no lower has are dropped: the kernel lists a whiteout with nothing below it as a
     /// name that cannot be looked up. `None`: unknown, every whiteout is kept.
     pub parents: Option<Vec<PathBuf>>,
+    /// With `parents` `None`: the lowers are not there yet but will be (a pull applies its
+    /// layers side by side while they download). What depends on them, whiteouts and the
+    /// directories the tar implies, is kept as if they were unknown and listed in
+    /// [`ApplyReport::deferred`], for [`settle_lowers`] to finish once they are.
+    pub defer_lowers: bool,
     /// `syncfs` the target before returning, so an acknowledged apply survives a crash.
     pub sync: bool,
 }
@@ -58,6 +63,7 @@ impl Default for ApplyOptions {
             expected_digest: None,
             max_size: DEFAULT_MAX_SIZE,
             parents: None,
+            defer_lowers: false,
             sync: true,
         }
     }
@@ -91,6 +97,120 @@ pub struct ApplyReport {
     pub entries: u64,
     /// Things skipped in rootless mode.
     pub warnings: Vec<String>,
+    /// With [`ApplyOptions::defer_lowers`]: what waits for the lowers.
+    pub deferred: Deferred,
+}
+
+/// What an apply left for [`settle_lowers`]: paths relative to the layer root.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deferred {
+    /// Whiteouts written without knowing whether a lower has the path.
+    pub whiteouts: Vec<Vec<u8>>,
+    /// Directories the tar implied but did not contain (made 0755 root:root), topmost last.
+    pub implied_dirs: Vec<Vec<u8>>,
+}
+
+impl Deferred {
+    /// True when nothing waits for the lowers.
+    pub fn is_empty(&self) -> bool {
+        self.whiteouts.is_empty() && self.implied_dirs.is_empty()
+    }
+}
+
+/// Finishes a layer applied with [`ApplyOptions::defer_lowers`] now that its lowers are known
+/// (`parents`, top first, as [`ApplyOptions::parents`]): whiteouts of paths no lower has are
+/// removed and implied directories take their mode and owner from the topmost lower that has
+/// them, so the layer ends as an apply with `parents` would have left it. Every path is
+/// resolved beneath `layer` without following symlinks; directory times are kept.
+pub fn settle_lowers(
+    layer: &Path,
+    parents: &[PathBuf],
+    deferred: &Deferred,
+    rootless: bool,
+) -> Result<()> {
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    let root = File::open(layer).map_err(|e| Error::io("open", layer, e))?;
+    let view = crate::diff::LowerView::new(parents.to_vec());
+    let flags = libc::O_DIRECTORY | libc::O_RDONLY | libc::O_NOFOLLOW;
+    let open_parent = |rel: &[u8]| -> io::Result<OwnedFd> {
+        match rel.iter().rposition(|&b| b == b'/') {
+            None => sys::openat(root.as_fd(), c".", flags, 0),
+            Some(i) => sys::open_beneath(root.as_fd(), &sys::cstr(&rel[..i])?, flags, 0),
+        }
+    };
+    let at = |rel: &[u8], what: &'static str, err: io::Error| {
+        Error::io(what, layer.join(bytes_path(rel)), err)
+    };
+    for rel in &deferred.whiteouts {
+        if parents.is_empty() || view.lookup(rel)?.is_none() {
+            let dir = match open_parent(rel) {
+                Ok(d) => d,
+                // The directory went away later in the same layer: nothing to settle.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(at(rel, "open", e)),
+            };
+            let base = rel.rsplit(|&b| b == b'/').next().unwrap_or(rel);
+            let name = sys::cstr(base).map_err(|e| at(rel, "name", e))?;
+            let still =
+                sys::lstatat(dir.as_fd(), &name).is_ok_and(|st| whiteout::is_whiteout_stat(&st));
+            if !still {
+                continue;
+            }
+            let times = sys::lstatat(dir.as_fd(), c"").map_err(|e| at(rel, "stat", e))?;
+            sys::unlinkat(dir.as_fd(), &name, 0).map_err(|e| at(rel, "remove whiteout", e))?;
+            sys::lutimesat(dir.as_fd(), c"", times.st_mtime, times.st_mtime_nsec as u32)
+                .map_err(|e| at(rel, "set times", e))?;
+        }
+    }
+    for rel in &deferred.implied_dirs {
+        let Some((mode, uid, gid)) = lower_dir_meta(parents, rel) else {
+            continue;
+        };
+        let fd = match sys::open_beneath(
+            root.as_fd(),
+            &sys::cstr(rel).map_err(|e| at(rel, "name", e))?,
+            flags,
+            0,
+        ) {
+            Ok(fd) => fd,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(at(rel, "open", e)),
+        };
+        if !(rootless && (uid, gid) != (0, 0)) {
+            sys::lchownat(fd.as_fd(), c"", uid, gid).map_err(|e| at(rel, "chown", e))?;
+        }
+        sys::fchmod(fd.as_fd(), mode).map_err(|e| at(rel, "chmod", e))?;
+    }
+    sys::syncfs(root.as_fd()).map_err(|e| Error::io("syncfs", layer, e))
+}
+
+fn bytes_path(b: &[u8]) -> &Path {
+    use std::os::unix::ffi::OsStrExt;
+    Path::new(std::ffi::OsStr::from_bytes(b))
+}
+
+/// Mode and owner of directory `rel` in the topmost of `lowers` that has it.
+fn lower_dir_meta(lowers: &[PathBuf], rel: &[u8]) -> Option<(u32, u32, u32)> {
+    lowers.iter().find_map(|lower| {
+        let m = std::fs::symlink_metadata(lower.join(bytes_path(rel))).ok()?;
+        m.is_dir().then(|| (m.mode() & 0o7777, m.uid(), m.gid()))
+    })
 }
 
 /// Applies the layer blob at `blob` into `target` (see [`apply`]).
@@ -167,7 +287,7 @@ fn apply_into_tmp<R: Read>(blob: R, tmp: &Path, opts: &ApplyOptions) -> Result<A
     .map_err(|e| Error::io("open", tmp, e))?;
     let mut raw = HashReader::new(blob);
     let over = Rc::new(Cell::new(false));
-    let (compression, uncompressed, diff_id, entries, warnings) = {
+    let (compression, uncompressed, diff_id, deferred, entries, warnings) = {
         let (compression, decoded) = compress::decoder(&mut raw).map_err(Error::Stream)?;
         let capped = Capped {
             inner: decoded,
@@ -207,6 +327,7 @@ fn apply_into_tmp<R: Read>(blob: R, tmp: &Path, opts: &ApplyOptions) -> Result<A
             compression,
             uncompressed,
             diff_id,
+            applier.deferred(),
             applier.entries,
             applier.warnings,
         )
@@ -224,6 +345,7 @@ fn apply_into_tmp<R: Read>(blob: R, tmp: &Path, opts: &ApplyOptions) -> Result<A
         uncompressed,
         entries,
         warnings,
+        deferred,
     })
 }
 
@@ -298,6 +420,10 @@ struct Applier<'o> {
     entries: u64,
     warnings: Vec<String>,
     buf: Vec<u8>,
+    /// `defer_lowers`: whiteouts kept for want of lowers.
+    deferred_whiteouts: Vec<Vec<u8>>,
+    /// `defer_lowers`: directories made for implied parents and not described since.
+    implied: std::collections::BTreeSet<Vec<u8>>,
 }
 
 impl<'o> Applier<'o> {
@@ -312,6 +438,18 @@ impl<'o> Applier<'o> {
             entries: 0,
             warnings: Vec::new(),
             buf: vec![0; 256 << 10],
+            deferred_whiteouts: Vec::new(),
+            implied: Default::default(),
+        }
+    }
+
+    fn deferred(&mut self) -> Deferred {
+        let mut implied: Vec<Vec<u8>> = std::mem::take(&mut self.implied).into_iter().collect();
+        // Parents sort before their children; settle them top-down either way.
+        implied.sort();
+        Deferred {
+            whiteouts: std::mem::take(&mut self.deferred_whiteouts),
+            implied_dirs: implied,
         }
     }
 
@@ -380,6 +518,10 @@ impl<'o> Applier<'o> {
                 }
                 sys::mknodat(dir.as_fd(), &cname, libc::S_IFCHR, 0)
                     .map_err(|err| Error::entry(&e.path, "create whiteout (char 0:0)", err))?;
+                if self.opts.defer_lowers && self.opts.parents.is_none() {
+                    self.deferred_whiteouts
+                        .push([parent, &[name]].concat().join(&b'/'));
+                }
                 return Ok(());
             }
             Marker::Plain => {}
@@ -420,6 +562,9 @@ impl<'o> Applier<'o> {
                     0,
                 )
                 .map_err(|err| Error::entry(&e.path, "open dir", err))?;
+                if !self.implied.is_empty() {
+                    self.implied.remove(&join(&comps));
+                }
                 self.dir_meta(e, fd.as_fd(), join(&comps))
             }
             Kind::File => {
@@ -697,6 +842,9 @@ impl<'o> Applier<'o> {
                 Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
                     let (mode, uid, gid) =
                         self.lower_dir_meta(&comps[..=i]).unwrap_or((0o755, 0, 0));
+                    if self.opts.defer_lowers && self.opts.parents.is_none() {
+                        self.implied.insert(join(&comps[..=i]));
+                    }
                     sys::mkdirat(cur.as_fd(), &name, 0o700)
                         .map_err(|err| Error::entry(entry, "create parent dir", err))?;
                     let fd = sys::openat(cur.as_fd(), &name, flags, 0)
@@ -740,12 +888,7 @@ impl<'o> Applier<'o> {
     }
 
     fn lower_dir_meta(&self, comps: &[&[u8]]) -> Option<(u32, u32, u32)> {
-        use std::os::unix::ffi::OsStrExt;
-        let rel = std::ffi::OsStr::from_bytes(&join(comps)).to_owned();
-        self.opts.parents.iter().flatten().find_map(|lower| {
-            let m = std::fs::symlink_metadata(lower.join(&rel)).ok()?;
-            m.is_dir().then(|| (m.mode() & 0o7777, m.uid(), m.gid()))
-        })
+        lower_dir_meta(self.opts.parents.as_deref().unwrap_or(&[]), &join(comps))
     }
 
     /// Removes whatever `name` is (a directory recursively), without following symlinks.

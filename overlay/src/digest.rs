@@ -143,6 +143,11 @@ impl<W: Write> HashWriter<W> {
         }
     }
 
+    /// Bytes written so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
     /// The digest (`None` when only counting) and size of everything written, and the inner
     /// writer.
     pub fn finish(self) -> (Option<Digest>, u64, W) {

@@ -44,6 +44,12 @@ pub enum Error {
         /// The SQLite error.
         err: rusqlite::Error,
     },
+    /// A registry failed or refused a request.
+    #[error("{0}")]
+    Registry(String),
+    /// A registry wants credentials it did not get or refused them.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The layer format crate failed.
     #[error(transparent)]
     Overlay(#[from] strata_overlay::Error),

@@ -9,6 +9,7 @@
 //! - `cli/`: clap definitions, turned into validated options before anything is touched.
 //! - [`image`]: the image store, archives, import, unpacking by chain ID.
 //! - [`container`]: create/start/stop/exec/commit/view and the processes of a container.
+//! - [`registry`]: pull, push and login over the OCI distribution API.
 //! - [`volume`], [`rootless`], [`time`].
 //! - [`demo`] (the main job on a base image built from the host), [`layer_demo`].
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
@@ -20,6 +21,7 @@ pub mod demo;
 mod error;
 pub mod image;
 pub mod layer_demo;
+pub mod registry;
 pub mod rootless;
 pub mod time;
 pub mod volume;

@@ -3,6 +3,7 @@
 mod cli;
 mod containers;
 mod images;
+mod registries;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -115,6 +116,8 @@ fn wants_user_namespace(c: &Command) -> bool {
             | Command::Mount(_)
             | Command::Umount { .. }
             | Command::Snapshotter(_)
+            | Command::Login { .. }
+            | Command::Logout { .. }
     )
 }
 
@@ -187,6 +190,25 @@ fn run(cli: Cli) -> Result<()> {
             containers::export(&root, &container, output.as_deref())
         }
         Command::Cp { src, dst } => containers::cp(&root, &src, &dst),
+        Command::Pull {
+            reference,
+            platform,
+            quiet,
+            registry,
+        } => registries::cmd_pull(&root, &reference, platform.as_deref(), quiet, &registry),
+        Command::Push {
+            reference,
+            quiet,
+            registry,
+        } => registries::cmd_push(&root, &reference, quiet, &registry),
+        Command::Login {
+            server,
+            username,
+            password,
+            password_stdin,
+            registry,
+        } => registries::cmd_login(server, username, password, password_stdin, &registry),
+        Command::Logout { server, registry } => registries::cmd_logout(server, &registry),
         Command::Import {
             file,
             reference,

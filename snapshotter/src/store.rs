@@ -1257,6 +1257,22 @@ impl Snapshotter {
         Ok((self.fs_dir(row.id), parents))
     }
 
+    /// The layer directory of snapshot `name` (any kind) followed by its parents', nearest
+    /// first: the lowers of a layer that will sit on `name`.
+    pub fn layer_stack(&self, name: &str) -> Result<Vec<PathBuf>> {
+        let meta = self.lock();
+        let db = meta.conn();
+        let row = meta::get(db, name)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {name:?} does not exist")))?;
+        let mut out = vec![self.fs_dir(row.id)];
+        out.extend(
+            meta::chain(db, row.id)?
+                .into_iter()
+                .map(|id| self.fs_dir(id)),
+        );
+        Ok(out)
+    }
+
     /// The id of `key` (for tests and tools).
     pub fn id_of(&self, key: &str) -> Result<i64> {
         let meta = self.lock();

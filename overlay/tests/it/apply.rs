@@ -415,3 +415,60 @@ fn whiteouts_with_nothing_below_are_dropped_when_the_lowers_are_known() {
         vec!["etc", "etc/absent", "etc/present"]
     );
 }
+
+/// A pull applies layers before their lowers exist (`defer_lowers`); `settle_lowers` then
+/// leaves exactly what an apply with the lowers known would have: whiteouts hiding nothing
+/// gone, implied directories with the lower's mode and owner, directory times kept.
+#[test]
+fn deferred_apply_settles_to_what_known_lowers_give() {
+    require(Prereq::Root);
+    let t = scratch();
+    let lower = t.path().join("lower");
+    std::fs::create_dir_all(lower.join("etc/app")).unwrap();
+    std::fs::write(lower.join("etc/present"), b"p").unwrap();
+    std::fs::set_permissions(
+        lower.join("etc/app"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(lower.join("etc/app"), Some(7), Some(8)).unwrap();
+    let blob = Tar::new()
+        .dir("etc", 0o755)
+        .file("etc/.wh.present", b"")
+        .file("etc/.wh.absent", b"")
+        .file("etc/app/conf", b"c")
+        .file("new/.wh.gone", b"")
+        .bytes();
+    let known = t.path().join("known");
+    apply(
+        &blob[..],
+        &known,
+        &ApplyOptions {
+            parents: Some(vec![lower.clone()]),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let deferred = t.path().join("deferred");
+    let r = apply(
+        &blob[..],
+        &deferred,
+        &ApplyOptions {
+            defer_lowers: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.deferred.whiteouts.len(), 3, "{:?}", r.deferred);
+    assert_eq!(
+        r.deferred.implied_dirs,
+        vec![b"etc/app".to_vec(), b"new".to_vec()],
+        "etc is in the tar, so only etc/app and new are implied"
+    );
+    // Before settling the whiteouts are all there.
+    assert!(deferred.join("etc/absent").symlink_metadata().is_ok());
+    strata_overlay::apply::settle_lowers(&deferred, &[lower], &r.deferred, false).unwrap();
+    assert_eq!(support::snapshot(&deferred), support::snapshot(&known));
+    let m = std::fs::metadata(deferred.join("etc/app")).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o750, 7, 8));
+}

@@ -24,6 +24,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// How to reach registries.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// Allow plain HTTP and unverified HTTPS (for every registry; or list some in
+    /// STRATA_INSECURE_REGISTRIES or insecure-registries of $XDG_CONFIG_HOME/strata/config.json).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Credentials file (Docker's config.json format).
+    #[arg(long, env = "STRATA_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Layers transferred at once.
+    #[arg(long, default_value_t = 3)]
+    pub max_concurrent: usize,
+}
+
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -178,6 +193,52 @@ pub enum Command {
         /// Containers (names or IDs).
         #[arg(required = true)]
         containers: Vec<String>,
+    },
+    /// Pull an image from a registry.
+    Pull {
+        /// The image (`name[:tag][@digest]`).
+        reference: String,
+        /// Which image of a multi-platform index (os/arch[/variant]; default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print only the digest.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Push an image to a registry.
+    Push {
+        /// The image's name, as tagged here (`registry/repository[:tag]`).
+        reference: String,
+        /// Print only the digest.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Log in to a registry (the credentials are checked, then stored, readable by you only).
+    Login {
+        /// The registry (`host[:port]`; default docker.io).
+        server: Option<String>,
+        /// User name.
+        #[arg(short, long)]
+        username: Option<String>,
+        /// Password (prefer --password-stdin: a command line is visible to other users).
+        #[arg(short, long)]
+        password: Option<String>,
+        /// Read the password from stdin.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Remove the stored credentials of a registry.
+    Logout {
+        /// The registry (`host[:port]`; default docker.io).
+        server: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Make a one-layer image from a root filesystem tarball (plain, gzip or zstd).
     Import {

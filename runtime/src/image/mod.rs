@@ -15,12 +15,12 @@ use strata_snapshotter::{Mode, Snapshotter};
 pub use archive::{load, save};
 pub use import::{host_arch, import};
 pub use reference::Reference;
-pub use store::{Image, Store, chain_id};
+pub use store::{Image, Ingest, Store, chain_id};
 
 use crate::{Error, Result};
 
 /// The label containerd's unpacker puts on extraction snapshots (never made volatile).
-const UNPACK_LABEL: &str = "containerd.io/snapshot.ref";
+pub(crate) const UNPACK_LABEL: &str = "containerd.io/snapshot.ref";
 
 /// The image store plus the snapshot store its layers live in.
 pub struct Images {
@@ -54,12 +54,68 @@ impl Images {
         })
     }
 
-    /// The snapshot store, opened on first use (it probes the kernel).
+    /// The snapshot store, opened on first use (it probes the kernel). Opening it sweeps what
+    /// killed pulls, loads and imports left ([`sweep_stale`](Self::sweep_stale)).
     pub fn snapshotter(&mut self) -> Result<&Snapshotter> {
         if self.snap.is_none() {
             self.snap = Some(Snapshotter::open(&self.snap_root, Mode::Overlay)?);
+            let swept = self.sweep_stale()?;
+            if swept > 0 {
+                tracing::info!(
+                    swept,
+                    "removed what interrupted pulls, loads or imports left"
+                );
+            }
         }
         Ok(self.snap.as_ref().expect("just opened"))
+    }
+
+    /// Removes the active snapshots (`pull-PID-*`, `extract-PID-*`, `import-PID-*`) and the
+    /// ingest files (`PID-*`) of processes that are gone: what a pull, load or import killed
+    /// midway leaves. Nothing committed is touched. Returns how many were removed.
+    pub fn sweep_stale(&mut self) -> Result<usize> {
+        fn dead(pid: &str) -> bool {
+            let Ok(pid) = pid.parse::<i32>() else {
+                return false;
+            };
+            pid > 0
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    == Err(nix::errno::Errno::ESRCH)
+        }
+        let mut n = 0;
+        let ingest = self.store.root().join("content/ingest");
+        if let Ok(rd) = std::fs::read_dir(&ingest) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.split('-').next().is_some_and(dead)
+                    && std::fs::remove_file(e.path()).is_ok()
+                {
+                    n += 1;
+                }
+            }
+        }
+        let Some(snap) = self.snap.as_ref() else {
+            return Ok(n);
+        };
+        for info in snap.list(&["kind==active".to_string()])? {
+            let mut parts = info.name.splitn(3, '-');
+            let (Some(kind), Some(pid)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if matches!(kind, "pull" | "extract" | "import") && dead(pid) {
+                match snap.remove(&info.name) {
+                    Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => n += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// The image store and the snapshot store together (the latter opened on first use).
+    pub fn parts(&mut self) -> Result<(&Store, &Snapshotter)> {
+        self.snapshotter()?;
+        Ok((&self.store, self.snap.as_ref().expect("opened above")))
     }
 
     /// Reads and parses the manifest and config of `img`.

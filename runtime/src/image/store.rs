@@ -114,6 +114,11 @@ impl Store {
         Ok(data)
     }
 
+    /// A new blob being written into the ingest dir (see [`Ingest`]).
+    pub fn ingest(&self) -> Result<Ingest> {
+        Ingest::new(&self.root)
+    }
+
     /// Writes a blob from `r` through the ingest dir; with `expected`, a mismatch is an error
     /// and nothing is kept. Returns the digest, size, and whether the blob is new to the store.
     pub fn put_blob(
@@ -121,40 +126,9 @@ impl Store {
         r: &mut dyn Read,
         expected: Option<&Digest>,
     ) -> Result<(Digest, u64, bool)> {
-        let tmp = self.root.join("content/ingest").join(format!(
-            "{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        let f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        let mut w = HashWriter::new(std::io::BufWriter::with_capacity(1 << 20, f));
-        let copied = std::io::copy(r, &mut w).and_then(|_| w.flush());
-        let (digest, size, inner) = w.finish();
-        let digest = digest.expect("blobs are hashed");
-        let result = copied
-            .map_err(|e| Error::io("write blob", &tmp, e))
-            .and_then(|()| {
-                if let Some(want) = expected {
-                    if *want != digest {
-                        return Err(Error::Archive {
-                            path: tmp.clone(),
-                            reason: format!("digest mismatch: expected {want}, got {digest}"),
-                        });
-                    }
-                }
-                let f = inner
-                    .into_inner()
-                    .map_err(|e| Error::io("write blob", &tmp, e.into_error()))?;
-                f.sync_all().map_err(|e| Error::io("sync blob", &tmp, e))?;
-                let dst = self.blob_path(&digest);
-                if dst.exists() {
-                    return Ok(false);
-                }
-                std::fs::rename(&tmp, &dst).map_err(|e| Error::io("store blob", &dst, e))?;
-                Ok(true)
-            });
-        let _ = std::fs::remove_file(&tmp);
-        result.map(|new| (digest, size, new))
+        let mut w = self.ingest()?;
+        std::io::copy(r, &mut w).map_err(|e| Error::io("write blob", &w.tmp, e))?;
+        w.finish(expected)
     }
 
     /// Writes a blob produced by `f` into the ingest dir, hashing it on the way, and stores it
@@ -165,31 +139,10 @@ impl Store {
         &self,
         f: impl FnOnce(&mut dyn Write) -> Result<T>,
     ) -> Result<(Digest, u64, bool, T)> {
-        let tmp = self.root.join("content/ingest").join(format!(
-            "{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        let file = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-        let mut w = HashWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
-        let result = f(&mut w).and_then(|v| {
-            w.flush().map_err(|e| Error::io("write blob", &tmp, e))?;
-            let (digest, size, inner) = w.finish();
-            let digest = digest.expect("blobs are hashed");
-            let file = inner
-                .into_inner()
-                .map_err(|e| Error::io("write blob", &tmp, e.into_error()))?;
-            file.sync_all()
-                .map_err(|e| Error::io("sync blob", &tmp, e))?;
-            let dst = self.blob_path(&digest);
-            let new = !dst.exists();
-            if new {
-                std::fs::rename(&tmp, &dst).map_err(|e| Error::io("store blob", &dst, e))?;
-            }
-            Ok((digest, size, new, v))
-        });
-        let _ = std::fs::remove_file(&tmp);
-        result
+        let mut w = self.ingest()?;
+        let v = f(&mut w)?;
+        let (digest, size, new) = w.finish(None)?;
+        Ok((digest, size, new, v))
     }
 
     /// Writes bytes as a blob.
@@ -360,6 +313,83 @@ impl Store {
             )
             .map_err(Error::db("delete image"))
             .map(drop)
+    }
+}
+
+/// A blob being written: a file in `content/ingest` named by the writing process, hashed as
+/// it is written, stored under its digest by [`finish`](Self::finish) once complete and
+/// verified, removed if dropped before. Needs no database, so download threads write their own.
+pub struct Ingest {
+    tmp: PathBuf,
+    blobs: PathBuf,
+    w: Option<HashWriter<std::io::BufWriter<File>>>,
+}
+
+impl Ingest {
+    /// Starts a blob in the store at `root`.
+    pub fn new(root: &Path) -> Result<Ingest> {
+        let tmp =
+            root.join("content/ingest")
+                .join(format!("{}-{}", std::process::id(), rand_suffix()));
+        let f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        Ok(Ingest {
+            tmp,
+            blobs: root.join("content/blobs/sha256"),
+            w: Some(HashWriter::new(std::io::BufWriter::with_capacity(
+                1 << 20,
+                f,
+            ))),
+        })
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.w.as_ref().map_or(0, |w| w.count())
+    }
+
+    /// Flushes, checks the digest against `expected` (if any), syncs and renames the blob into
+    /// place. Returns its digest, its size, and whether it is new to the store.
+    pub fn finish(mut self, expected: Option<&Digest>) -> Result<(Digest, u64, bool)> {
+        let mut w = self.w.take().expect("finished once");
+        w.flush()
+            .map_err(|e| Error::io("write blob", &self.tmp, e))?;
+        let (digest, size, inner) = w.finish();
+        let digest = digest.expect("blobs are hashed");
+        if let Some(want) = expected {
+            if *want != digest {
+                return Err(Error::Archive {
+                    path: self.tmp.clone(),
+                    reason: format!("digest mismatch: expected {want}, got {digest}"),
+                });
+            }
+        }
+        let f = inner
+            .into_inner()
+            .map_err(|e| Error::io("write blob", &self.tmp, e.into_error()))?;
+        f.sync_all()
+            .map_err(|e| Error::io("sync blob", &self.tmp, e))?;
+        let dst = self.blobs.join(digest.hex());
+        if dst.exists() {
+            return Ok((digest, size, false));
+        }
+        std::fs::rename(&self.tmp, &dst).map_err(|e| Error::io("store blob", &dst, e))?;
+        Ok((digest, size, true))
+    }
+}
+
+impl Write for Ingest {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.w.as_mut().expect("not finished").write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.as_mut().expect("not finished").flush()
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        // Gone already when finish renamed it.
+        let _ = std::fs::remove_file(&self.tmp);
     }
 }
 

@@ -5,6 +5,7 @@ mod crash;
 mod images;
 mod layer;
 mod lifecycle;
+mod registry;
 mod rootless;
 mod run;
 mod storage;

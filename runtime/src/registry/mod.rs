@@ -1,0 +1,103 @@
+//! Registries: `pull`, `push` and `login` over the OCI distribution API.
+//!
+//! - `client`: one repository on one registry; the ping, Basic and Bearer-token auth, and the
+//!   registry's error bodies turned into errors that say what happened.
+//! - `auth`: the credentials file (Docker's `config.json` format, mode 0600) and challenges.
+//! - `pull`: manifest or index (platform selection), config, then layers streamed several at
+//!   once straight into their snapshots, verified on the way.
+//! - `push`: only the blobs the registry lacks (cross-repository mounts when it offers them),
+//!   monolithic or chunked uploads, then the manifest.
+//!
+//! HTTPS by default; registries marked insecure (`--insecure`, `STRATA_INSECURE_REGISTRIES`,
+//! `insecure-registries` in `$XDG_CONFIG_HOME/strata/config.json`, and loopback addresses, as
+//! Docker does) are tried over HTTPS without certificate checks, then plain HTTP.
+
+mod auth;
+mod client;
+mod pull;
+mod push;
+
+pub use auth::{Credentials, config_dir, default_auth_file};
+pub use client::{Client, Options, api_host};
+pub use pull::{Platform, Pulled, pull};
+pub use push::{CHUNK, Pushed, push};
+
+use crate::{Error, Result};
+
+/// Checks `creds` against `domain` (a ping with them, and a token when the registry wants one),
+/// then stores them in `opts.auth_file`.
+pub fn login(domain: &str, creds: &Credentials, opts: &Options) -> Result<()> {
+    // Authenticate against a file holding only the new credentials, so a wrong password is
+    // found before anything is written.
+    let t = std::env::temp_dir().join(format!("strata-login-{}", std::process::id()));
+    let _ = std::fs::remove_file(&t);
+    auth::store(&t, domain, creds)?;
+    let probe = Options {
+        auth_file: t.clone(),
+        ..opts.clone()
+    };
+    let r = Client::connect(domain, "strata/login", "pull", &probe).and_then(|c| {
+        // A registry with Basic auth answers the ping itself; make sure it accepted us.
+        let r = c.send("GET", "/v2/", &[], client::Body::Empty)?;
+        match r.status().as_u16() {
+            200..=299 => Ok(()),
+            401 | 403 => Err(Error::Unauthorized(format!(
+                "{}: login refused: wrong user name or password",
+                c.host()
+            ))),
+            _ => Err(c.failure("GET", "/v2/", r)),
+        }
+    });
+    let _ = std::fs::remove_file(&t);
+    r?;
+    auth::store(&opts.auth_file, domain, creds)
+}
+
+/// Removes the stored credentials of `domain`; false when there were none.
+pub fn logout(domain: &str, opts: &Options) -> Result<bool> {
+    auth::remove(&opts.auth_file, domain)
+}
+
+/// The insecure registries configured: `STRATA_INSECURE_REGISTRIES` (comma separated) and the
+/// `insecure-registries` list of `$XDG_CONFIG_HOME/strata/config.json`.
+pub fn configured_insecure() -> Result<Vec<String>> {
+    let mut out: Vec<String> = std::env::var("STRATA_INSECURE_REGISTRIES")
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let file = config_dir().join("config.json");
+    match std::fs::read(&file) {
+        Ok(data) => {
+            let v: serde_json::Value = serde_json::from_slice(&data)
+                .map_err(|e| Error::Invalid(format!("{}: not JSON: {e}", file.display())))?;
+            match &v["insecure-registries"] {
+                serde_json::Value::Null => {}
+                serde_json::Value::Array(list) => {
+                    for i in list {
+                        out.push(
+                            i.as_str()
+                                .ok_or_else(|| {
+                                    Error::Invalid(format!(
+                                        "{}: insecure-registries holds a non-string",
+                                        file.display()
+                                    ))
+                                })?
+                                .to_string(),
+                        );
+                    }
+                }
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "{}: insecure-registries must be a list",
+                        file.display()
+                    )));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("read", &file, e)),
+    }
+    Ok(out)
+}
