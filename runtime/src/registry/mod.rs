@@ -17,9 +17,11 @@ mod client;
 mod pull;
 mod push;
 
-pub use auth::{Credentials, config_dir, default_auth_file};
+pub use auth::{
+    Challenge, Credentials, config_dir, default_auth_file, parse_challenge, token_from,
+};
 pub use client::{Client, Options, api_host};
-pub use pull::{Platform, Pulled, pull};
+pub use pull::{Platform, Pulled, choose_platform, classify_manifest, pull};
 pub use push::{CHUNK, Pushed, push};
 
 use crate::{Error, Result};

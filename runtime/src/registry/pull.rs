@@ -148,26 +148,7 @@ pub fn fetch_manifest(client: &Client, reference: &str) -> Result<Fetched> {
             )));
         }
     }
-    let doc: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-    if doc["schemaVersion"].as_i64() == Some(1) {
-        return Err(bad(
-            "Docker schema 1 manifests are deprecated and not supported: push the image again \
-             with a current client"
-                .into(),
-        ));
-    }
-    let media_type = doc["mediaType"]
-        .as_str()
-        .map(String::from)
-        .or(content_type.filter(|c| c.starts_with("application/vnd.")))
-        .unwrap_or_else(|| {
-            if doc.get("manifests").is_some() {
-                "application/vnd.oci.image.index.v1+json".into()
-            } else {
-                "application/vnd.oci.image.manifest.v1+json".into()
-            }
-        });
+    let media_type = classify_manifest(&bytes, content_type.as_deref()).map_err(bad)?;
     Ok(Fetched {
         bytes,
         digest,
@@ -175,13 +156,48 @@ pub fn fetch_manifest(client: &Client, reference: &str) -> Result<Fetched> {
     })
 }
 
+/// The media type of a manifest document (its own `mediaType`, else the `Content-Type` it came
+/// with, else guessed from its shape); refuses what is not JSON and Docker's schema 1.
+pub fn classify_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<String, String> {
+    let doc: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    if !doc.is_object() {
+        return Err("not a JSON object".into());
+    }
+    if doc["schemaVersion"].as_i64() == Some(1) {
+        return Err(
+            "Docker schema 1 manifests are deprecated and not supported: push the \
+                    image again with a current client"
+                .into(),
+        );
+    }
+    Ok(doc["mediaType"]
+        .as_str()
+        .map(String::from)
+        .or(content_type
+            .filter(|c| c.starts_with("application/vnd."))
+            .map(String::from))
+        .unwrap_or_else(|| {
+            if doc.get("manifests").is_some() {
+                "application/vnd.oci.image.index.v1+json".into()
+            } else {
+                "application/vnd.oci.image.manifest.v1+json".into()
+            }
+        }))
+}
+
 /// True for an index / manifest list.
 pub fn is_index(media_type: &str) -> bool {
     media_type.ends_with("image.index.v1+json") || media_type.ends_with("manifest.list.v2+json")
 }
 
-/// The manifest of `platform` in an index.
-fn choose(index: &ImageIndex, platform: &Platform, what: &str) -> Result<(Digest, u64)> {
+/// The manifest of `platform` in an index: its digest and size, or an error naming the
+/// platforms the index has.
+pub fn choose_platform(
+    index: &ImageIndex,
+    platform: &Platform,
+    what: &str,
+) -> Result<(Digest, u64)> {
     let mut seen = Vec::new();
     for m in index.manifests() {
         let Some(p) = m.platform() else { continue };
@@ -326,7 +342,7 @@ pub fn pull(
     let manifest = if is_index(&top.media_type) {
         let index = ImageIndex::from_reader(&top.bytes[..])
             .map_err(|e| Error::Registry(format!("{}: index {wanted}: {e}", client.host())))?;
-        let (d, _) = choose(&index, platform, &reference.familiar())?;
+        let (d, _) = choose_platform(&index, platform, &reference.familiar())?;
         let m = fetch_manifest(&client, &d.to_string())?;
         if is_index(&m.media_type) {
             return Err(Error::Registry(format!(
@@ -690,10 +706,10 @@ mod tests {
             arch: "amd64".into(),
             variant: None,
         };
-        assert_eq!(choose(&index, &amd, "x").unwrap().1, 20);
+        assert_eq!(choose_platform(&index, &amd, "x").unwrap().1, 20);
         let arm: Platform = "linux/arm64/v8".parse().unwrap();
-        assert_eq!(choose(&index, &arm, "x").unwrap().1, 10);
-        let e = choose(&index, &"linux/s390x".parse().unwrap(), "x")
+        assert_eq!(choose_platform(&index, &arm, "x").unwrap().1, 10);
+        let e = choose_platform(&index, &"linux/s390x".parse().unwrap(), "x")
             .unwrap_err()
             .to_string();
         assert!(e.contains("linux/arm64/v8, linux/amd64"), "{e}");
