@@ -42,6 +42,9 @@ echo "== cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "== fuzz targets build"
 (cd fuzz && cargo check --quiet --bins)
+echo "== fuzz: every target for 10 s (bash scripts/fuzz.sh 600 for the long run)"
+command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
+bash scripts/fuzz.sh 10
 echo "== strata demo"
 cargo build --release --quiet -p strata-runtime
 ./target/release/strata demo
