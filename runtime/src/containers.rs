@@ -656,3 +656,32 @@ pub fn info_store(root: &Path) -> Result<()> {
     println!("Strata Root Dir: {}", root.display());
     Ok(())
 }
+
+pub fn system_check(root: &Path, repair: bool) -> Result<()> {
+    let r = strata_runtime::check::check(root, repair)
+        .with_context(|| format!("checking the store at {}", root.display()))?;
+    println!(
+        "checked {} blobs, {} images, {} snapshots, {} containers",
+        r.blobs, r.images, r.snapshots, r.containers
+    );
+    for f in &r.findings {
+        println!(
+            "{}: {}",
+            if f.repaired { "repaired" } else { "problem" },
+            f.what
+        );
+    }
+    let left = r.remaining();
+    if r.findings.is_empty() {
+        println!("no problems");
+        return Ok(());
+    }
+    if left == 0 {
+        println!("{} problem(s), all repaired", r.findings.len());
+        return Ok(());
+    }
+    if repair {
+        bail!("{left} problem(s) left that --repair cannot fix");
+    }
+    bail!("{left} problem(s): run `strata system check --repair` to fix what can be fixed");
+}

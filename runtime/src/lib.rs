@@ -9,6 +9,7 @@
 //! - `cli/`: clap definitions, turned into validated options before anything is touched.
 //! - [`image`]: the image store, archives, import, unpacking by chain ID.
 //! - [`container`]: create/start/stop/exec/commit/view and the processes of a container.
+//! - [`check`]: `system check`, every record against the disk, every blob against its digest.
 //! - [`registry`]: pull, push and login over the OCI distribution API.
 //! - [`volume`], [`rootless`], [`time`].
 //! - [`demo`] (the main job on a base image built from the host), [`layer_demo`].
@@ -16,6 +17,7 @@
 //! - `main.rs`: dispatch, errors with context (anyhow).
 #![deny(unsafe_code)]
 
+pub mod check;
 pub mod container;
 pub mod demo;
 mod error;

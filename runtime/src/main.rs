@@ -218,6 +218,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Image(cli::ImageCommand::Prune { all, force: _ }) => images::cmd_prune(&root, all),
         Command::Image(cli::ImageCommand::Ls(a)) => images::cmd_images(&root, &a),
         Command::Volume(v) => containers::volume(&root, v),
+        Command::System(cli::SystemCommand::Check { repair }) => {
+            containers::system_check(&root, repair)
+        }
         Command::System(cli::SystemCommand::Df { verbose }) => {
             containers::system_df(&root, verbose)
         }

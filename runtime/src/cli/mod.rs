@@ -398,6 +398,14 @@ pub enum VolumeCommand {
 /// `strata system ...`
 #[derive(Debug, Subcommand)]
 pub enum SystemCommand {
+    /// Verify every record against the disk and every blob against its digest (exit 1 while
+    /// problems remain); --repair fixes what can be fixed. Run it while nothing else changes
+    /// the store.
+    Check {
+        /// Fix what can be fixed.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Disk usage of images, containers and volumes, and what could be reclaimed.
     Df {
         /// One row per image, container and volume.

@@ -145,6 +145,25 @@ pub fn wait(c: &Container) -> Result<i64> {
     }
 }
 
+/// Where a container being removed by this process goes: `ROOT/containers/.removing-PID-ID`.
+fn removing_dir(root: &Path, id: &str) -> std::path::PathBuf {
+    root.join("containers")
+        .join(format!(".removing-{}-{id}", std::process::id()))
+}
+
+/// Removes what is left of container `id` once its directory was renamed to `gone`: its
+/// snapshots, then the directory.
+pub fn finish_removal(images: &mut Images, id: &str, gone: &Path) -> Result<()> {
+    let snap = images.snapshotter()?;
+    for key in [format!("ctr-{id}"), format!("ctr-{id}-init-active")] {
+        match snap.remove(&key) {
+            Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    std::fs::remove_dir_all(gone).map_err(|e| Error::io("remove", gone, e))
+}
+
 /// Removes container `c`: refused while it runs unless `force` (then it is killed first).
 /// With `volumes`, its anonymous volumes go too.
 pub fn remove(
@@ -173,17 +192,12 @@ pub fn remove(
     }
     let cfg = c.config().unwrap_or_default();
     let _ = strata_overlay::mount::unmount(&c.dir.join("rootfs"), true);
-    let snap = images.snapshotter()?;
-    for key in [
-        c.snapshot_key(),
-        format!("{}-init-active", c.snapshot_key()),
-    ] {
-        match snap.remove(&key) {
-            Ok(()) | Err(strata_snapshotter::Error::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    std::fs::remove_dir_all(&c.dir).map_err(|e| Error::io("remove", &c.dir, e))?;
+    // The container disappears first, in one rename: a kill from here on leaves a
+    // `.removing-PID-ID` dir that the next command finishes removing (Images::sweep_stale),
+    // never a container whose writable layer is gone.
+    let gone = removing_dir(root, &c.id);
+    std::fs::rename(&c.dir, &gone).map_err(|e| Error::io("rename away", &c.dir, e))?;
+    finish_removal(images, &c.id, &gone)?;
     if volumes {
         for b in cfg["Binds"].as_array().cloned().unwrap_or_default() {
             if b["Type"] == "volume" && b["Anonymous"].as_bool().unwrap_or(false) {

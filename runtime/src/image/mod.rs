@@ -28,6 +28,7 @@ pub struct Images {
     pub store: Store,
     snap_root: PathBuf,
     snap: Option<Snapshotter>,
+    swept: usize,
 }
 
 /// A parsed image: its manifest and config.
@@ -51,6 +52,7 @@ impl Images {
             store: Store::open(root)?,
             snap_root: root.join("snapshotter"),
             snap: None,
+            swept: 0,
         })
     }
 
@@ -60,6 +62,7 @@ impl Images {
         if self.snap.is_none() {
             self.snap = Some(Snapshotter::open(&self.snap_root, Mode::Overlay)?);
             let swept = self.sweep_stale()?;
+            self.swept = swept;
             if swept > 0 {
                 tracing::info!(
                     swept,
@@ -68,6 +71,11 @@ impl Images {
             }
         }
         Ok(self.snap.as_ref().expect("just opened"))
+    }
+
+    /// What opening the snapshot store swept (see [`sweep_stale`](Self::sweep_stale)).
+    pub fn swept(&self) -> usize {
+        self.swept
     }
 
     /// Removes the active snapshots (`pull-PID-*`, `extract-PID-*`, `import-PID-*`) and the
@@ -93,6 +101,29 @@ impl Images {
                     n += 1;
                 }
             }
+        }
+        // Containers a killed `rm` had renamed away: their snapshots, then the directory.
+        let cdir = self.store.root().join("containers");
+        let mut removing = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&cdir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some((pid, id)) = name
+                    .strip_prefix(".removing-")
+                    .and_then(|r| r.split_once('-'))
+                {
+                    if dead(pid) {
+                        removing.push((id.to_string(), e.path()));
+                    }
+                }
+            }
+        }
+        if self.snap.is_none() {
+            return Ok(n);
+        }
+        for (id, dir) in removing {
+            crate::container::lifecycle::finish_removal(self, &id, &dir)?;
+            n += 1;
         }
         let Some(snap) = self.snap.as_ref() else {
             return Ok(n);

@@ -180,6 +180,19 @@ impl Store {
             .map_err(Error::db("read layer"))
     }
 
+    /// Every recorded layer chain.
+    pub fn layer_chains(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT chain FROM layers ORDER BY chain")
+            .map_err(Error::db("list layers"))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(Error::db("list layers"))?;
+        rows.collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::db("list layers"))
+    }
+
     /// Forgets layer `chain`.
     pub fn forget_layer(&self, chain: &Digest) -> Result<()> {
         self.db

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use crate::support::{fails, loaded, ok, require_command, require_root, scratch, st};
 
 /// A `docker-registry serve` on a free loopback port, killed on drop.
-struct Registry {
+pub struct Registry {
     child: Child,
     port: u16,
     storage: PathBuf,
 }
 
 impl Registry {
-    fn start(dir: &Path, htpasswd: Option<&Path>) -> Registry {
+    pub fn start(dir: &Path, htpasswd: Option<&Path>) -> Registry {
         require_command("docker-registry");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -62,7 +62,7 @@ impl Registry {
         }
     }
 
-    fn name(&self, repo: &str) -> String {
+    pub fn name(&self, repo: &str) -> String {
         format!("127.0.0.1:{}/{repo}", self.port)
     }
 
