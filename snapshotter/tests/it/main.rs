@@ -4,5 +4,6 @@
 
 mod fuse;
 mod grpc;
+mod load;
 mod store;
 mod support;
