@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -55,6 +56,17 @@ pub fn chain_id(parent: Option<&Digest>, diff_id: &Digest) -> Digest {
 impl Store {
     /// Opens (or creates) the store at `root`.
     pub fn open(root: &Path) -> Result<Store> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io("create", root, e))?;
+        // Other users see nothing of the store (Docker keeps its root 0710, containerd 0711):
+        // layers, logs and configs may hold secrets.
+        let mode = std::fs::metadata(root)
+            .map_err(|e| Error::io("stat", root, e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io("chmod 700", root, e))?;
+        }
         for d in ["content/blobs/sha256", "content/ingest"] {
             std::fs::create_dir_all(root.join(d))
                 .map_err(|e| Error::io("create", root.join(d), e))?;

@@ -9,5 +9,6 @@ mod lifecycle;
 mod registry;
 mod rootless;
 mod run;
+mod security;
 mod storage;
 mod support;
