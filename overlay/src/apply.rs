@@ -462,6 +462,13 @@ impl<'o> Applier<'o> {
 
     fn entry<R: Read>(&mut self, e: &Entry, tar: &mut Reader<R>) -> Result<()> {
         self.entries += 1;
+        // A size no stream under the cap can deliver: refused before reading any of it (a
+        // sparse file's logical size may exceed what its stream carries).
+        if e.size > self.opts.max_size && e.sparse.is_none() {
+            return Err(Error::TooLarge {
+                cap: self.opts.max_size,
+            });
+        }
         let comps = components(&e.path)?;
         let Some((&base, parent)) = comps.split_last() else {
             // The root itself ("./"): only a directory may describe it.

@@ -265,3 +265,132 @@ fn gz(data: &[u8]) -> Vec<u8> {
     e.write_all(data).unwrap();
     e.finish().unwrap()
 }
+
+/// Applies `blob` expecting success; nothing may appear outside the target.
+fn contained(blob: &[u8], opts: &ApplyOptions) -> tempfile::TempDir {
+    require(Prereq::Root);
+    let t = scratch();
+    let outside = t.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("sentinel"), b"keep").unwrap();
+    let target = t.path().join("target");
+    apply(blob, &target, opts).unwrap();
+    assert_eq!(siblings(&outside), vec!["sentinel"]);
+    assert_eq!(siblings(t.path()), vec!["outside", "target"]);
+    t
+}
+
+#[test]
+fn giant_declared_sizes() {
+    // A header claiming two terabytes with ten bytes behind it (a small entry with its size
+    // field patched: the writer will not write a lie).
+    let mut bytes = Tar::new().file("huge", b"0123456789").bytes();
+    bytes[124..136].copy_from_slice(b"20000000000\0");
+    bytes[148..156].fill(b' ');
+    let sum: u32 = bytes[..512].iter().map(|&b| b as u32).sum();
+    bytes[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    refused_any(&bytes, &d(), &["truncated", "size cap"]);
+    // Under the cap, declared sizes beyond it are refused before any data is read.
+    let opts = ApplyOptions {
+        max_size: 1 << 20,
+        ..Default::default()
+    };
+    refused(&bytes, &opts, "size cap");
+}
+
+#[test]
+fn duplicate_and_conflicting_entries_resolve_inside_the_target() {
+    // The same path as a file, a directory, a symlink and a file again: the last one wins, as
+    // in every OCI applier, and nothing is written through the symlink while it stands.
+    let blob = Tar::new()
+        .file("x", b"first")
+        .dir("x", 0o755)
+        .file("x/inner", b"in dir")
+        .link(Kind::Symlink, "x", "../outside")
+        .file("x", b"last")
+        .file("y", b"one")
+        .file("y", b"two")
+        .bytes();
+    let t = contained(&blob, &d());
+    let target = t.path().join("target");
+    assert_eq!(std::fs::read(target.join("x")).unwrap(), b"last");
+    assert_eq!(std::fs::read(target.join("y")).unwrap(), b"two");
+    // A hard link to a name replaced later keeps the content it linked to.
+    let blob = Tar::new()
+        .file("a", b"old")
+        .link(Kind::HardLink, "b", "a")
+        .file("a", b"new")
+        .bytes();
+    let t = contained(&blob, &d());
+    let target = t.path().join("target");
+    assert_eq!(std::fs::read(target.join("b")).unwrap(), b"old");
+    assert_eq!(std::fs::read(target.join("a")).unwrap(), b"new");
+}
+
+#[test]
+fn whiteouts_under_a_file_or_a_symlink_are_refused() {
+    // A whiteout whose parent is a regular file of the same layer.
+    refused_any(
+        &Tar::new().file("f", b"x").file("f/.wh.g", b"").bytes(),
+        &d(),
+        &["not a directory", "Not a directory", "parent"],
+    );
+    // A whiteout whose parent is a symlink out of the target.
+    refused_any(
+        &Tar::new()
+            .link(Kind::Symlink, "l", "../outside")
+            .file("l/.wh.sentinel", b"")
+            .bytes(),
+        &d(),
+        &["symlink", "escape", "outside"],
+    );
+    // An opaque marker under a symlink.
+    refused_any(
+        &Tar::new()
+            .link(Kind::Symlink, "l", "/")
+            .file("l/.wh..wh..opq", b"")
+            .bytes(),
+        &d(),
+        &["symlink", "escape", "outside"],
+    );
+}
+
+#[test]
+fn non_utf8_names_apply_byte_for_byte() {
+    use std::os::unix::ffi::OsStrExt;
+    let name = b"caf\xe9-\xff\xfe";
+    let mut e = Entry::new("x", Kind::File);
+    e.path = name.to_vec();
+    e.mode = 0o644;
+    e.size = 2;
+    let t = contained(&Tar::new().entry(e, b"ok").bytes(), &d());
+    let names: Vec<Vec<u8>> = std::fs::read_dir(t.path().join("target"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    assert_eq!(names, vec![name.to_vec()]);
+}
+
+#[test]
+fn paths_past_path_max_are_refused_and_long_ones_apply() {
+    // 20 components of 200 bytes: 4,020 bytes, under PATH_MAX: applies.
+    let long: Vec<String> = (0..20).map(|i| format!("{i:03}{}", "d".repeat(197))).collect();
+    let path = format!("{}/f", long.join("/"));
+    assert!(path.len() < 4096);
+    let t = contained(&Tar::new().file(&path, b"deep").bytes(), &d());
+    assert_eq!(std::fs::read(t.path().join("target").join(&path)).unwrap(), b"deep");
+    // 30 components: past PATH_MAX (4,096): a clear refusal, nothing left.
+    let longer: Vec<String> = (0..30).map(|i| format!("{i:03}{}", "d".repeat(197))).collect();
+    let path = format!("{}/f", longer.join("/"));
+    refused_any(
+        &Tar::new().file(&path, b"deep").bytes(),
+        &d(),
+        &["too long", "File name too long", "PATH_MAX"],
+    );
+    // A single component past NAME_MAX (255).
+    refused_any(
+        &Tar::new().file(&"n".repeat(300), b"x").bytes(),
+        &d(),
+        &["too long", "File name too long", "NAME_MAX"],
+    );
+}
