@@ -145,18 +145,8 @@ pub fn settle_lowers(
     };
     for rel in &deferred.whiteouts {
         if parents.is_empty() || view.lookup(rel)?.is_none() {
-            let dir = match open_parent(rel) {
-                Ok(d) => d,
-                // The directory went away later in the same layer: nothing to settle.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => return Err(at(rel, "open", e)),
+            let Some(dir) = gone_is_none(open_parent(rel)).map_err(|e| at(rel, "open", e))? else {
+                continue;
             };
             let base = rel.rsplit(|&b| b == b'/').next().unwrap_or(rel);
             let name = sys::cstr(base).map_err(|e| at(rel, "name", e))?;
@@ -175,22 +165,10 @@ pub fn settle_lowers(
         let Some((mode, uid, gid)) = lower_dir_meta(parents, rel) else {
             continue;
         };
-        let fd = match sys::open_beneath(
-            root.as_fd(),
-            &sys::cstr(rel).map_err(|e| at(rel, "name", e))?,
-            flags,
-            0,
-        ) {
-            Ok(fd) => fd,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
-                ) =>
-            {
-                continue;
-            }
-            Err(e) => return Err(at(rel, "open", e)),
+        let name = sys::cstr(rel).map_err(|e| at(rel, "name", e))?;
+        let opened = sys::open_beneath(root.as_fd(), &name, flags, 0);
+        let Some(fd) = gone_is_none(opened).map_err(|e| at(rel, "open", e))? else {
+            continue;
         };
         if !(rootless && (uid, gid) != (0, 0)) {
             sys::lchownat(fd.as_fd(), c"", uid, gid).map_err(|e| at(rel, "chown", e))?;
@@ -198,6 +176,23 @@ pub fn settle_lowers(
         sys::fchmod(fd.as_fd(), mode).map_err(|e| at(rel, "chmod", e))?;
     }
     sys::syncfs(root.as_fd()).map_err(|e| Error::io("syncfs", layer, e))
+}
+
+/// `None` for a path that went away (or became a symlink) later in the same layer: nothing to
+/// settle there.
+fn gone_is_none(r: io::Result<OwnedFd>) -> io::Result<Option<OwnedFd>> {
+    match r {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EXDEV)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn bytes_path(b: &[u8]) -> &Path {

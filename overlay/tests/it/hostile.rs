@@ -374,13 +374,20 @@ fn non_utf8_names_apply_byte_for_byte() {
 #[test]
 fn paths_past_path_max_are_refused_and_long_ones_apply() {
     // 20 components of 200 bytes: 4,020 bytes, under PATH_MAX: applies.
-    let long: Vec<String> = (0..20).map(|i| format!("{i:03}{}", "d".repeat(197))).collect();
+    let long: Vec<String> = (0..20)
+        .map(|i| format!("{i:03}{}", "d".repeat(197)))
+        .collect();
     let path = format!("{}/f", long.join("/"));
     assert!(path.len() < 4096);
     let t = contained(&Tar::new().file(&path, b"deep").bytes(), &d());
-    assert_eq!(std::fs::read(t.path().join("target").join(&path)).unwrap(), b"deep");
+    assert_eq!(
+        std::fs::read(t.path().join("target").join(&path)).unwrap(),
+        b"deep"
+    );
     // 30 components: past PATH_MAX (4,096): a clear refusal, nothing left.
-    let longer: Vec<String> = (0..30).map(|i| format!("{i:03}{}", "d".repeat(197))).collect();
+    let longer: Vec<String> = (0..30)
+        .map(|i| format!("{i:03}{}", "d".repeat(197)))
+        .collect();
     let path = format!("{}/f", longer.join("/"));
     refused_any(
         &Tar::new().file(&path, b"deep").bytes(),

@@ -26,6 +26,32 @@ pub use push::{CHUNK, Pushed, push};
 
 use crate::{Error, Result};
 
+/// One progress bar per blob on stderr (`show`: a terminal), labelled with the digest's first
+/// 12 hex digits; `None`s otherwise.
+pub(crate) fn blob_bars(
+    show: bool,
+    blobs: impl Iterator<Item = (strata_overlay::Digest, u64)>,
+) -> Vec<Option<indicatif::ProgressBar>> {
+    let multi = show.then(|| {
+        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
+    });
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:.bold} {msg:12} [{bar:30}] {bytes}/{total_bytes}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    blobs
+        .map(|(d, size)| {
+            let b = multi
+                .as_ref()?
+                .add(indicatif::ProgressBar::new(size).with_style(style.clone()));
+            b.set_prefix(d.hex()[..12].to_string());
+            b.set_message("waiting");
+            Some(b)
+        })
+        .collect()
+}
+
 /// Checks `creds` against `domain` (a ping with them, and a token when the registry wants one),
 /// then stores them in `opts.auth_file`.
 pub fn login(domain: &str, creds: &Credentials, opts: &Options) -> Result<()> {

@@ -498,28 +498,14 @@ fn fetch_and_unpack(
         }
     }
     let root = images.store.root().to_path_buf();
-    let multi = show.then(|| {
-        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
-    });
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix:.bold} {msg:12} [{bar:30}] {bytes}/{total_bytes}",
-    )
-    .expect("valid template")
-    .progress_chars("=> ");
-    let bars: Vec<Option<indicatif::ProgressBar>> = jobs
-        .iter()
-        .map(|j| {
-            let m = multi.as_ref()?;
-            let b = m.add(indicatif::ProgressBar::new(j.size).with_style(style.clone()));
-            b.set_prefix(j.blob.hex()[..12].to_string());
-            match j.action {
-                Action::Skip => b.finish_with_message("exists"),
-                Action::Unpack => b.set_message("unpacking"),
-                _ => b.set_message("waiting"),
-            }
-            Some(b)
-        })
-        .collect();
+    let bars = super::blob_bars(show, jobs.iter().map(|j| (j.blob, j.size)));
+    for (b, j) in bars.iter().zip(jobs.iter()) {
+        match (b, j.action) {
+            (Some(b), Action::Skip) => b.finish_with_message("exists"),
+            (Some(b), Action::Unpack) => b.set_message("unpacking"),
+            _ => {}
+        }
+    }
     let cancel = AtomicBool::new(false);
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<Done>>>> =

@@ -84,25 +84,7 @@ pub fn push(
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let multi = show.then(|| {
-        indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
-    });
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix:.bold} {msg:12} [{bar:30}] {bytes}/{total_bytes}",
-    )
-    .expect("valid template")
-    .progress_chars("=> ");
-    let bars: Vec<Option<indicatif::ProgressBar>> = blobs
-        .iter()
-        .map(|(d, size, _)| {
-            let b = multi
-                .as_ref()?
-                .add(indicatif::ProgressBar::new(*size).with_style(style.clone()));
-            b.set_prefix(d.hex()[..12].to_string());
-            b.set_message("waiting");
-            Some(b)
-        })
-        .collect();
+    let bars = super::blob_bars(show, blobs.iter().map(|(d, size, _)| (*d, *size)));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Result<Outcome>>>> =
         Mutex::new((0..blobs.len()).map(|_| None).collect());
