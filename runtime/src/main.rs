@@ -1,5 +1,6 @@
 //! `strata`: the command line.
 
+mod bench;
 mod cli;
 mod containers;
 mod images;
@@ -117,6 +118,7 @@ fn wants_user_namespace(c: &Command) -> bool {
             | Command::Umount { .. }
             | Command::Snapshotter(_)
             | Command::Login { .. }
+            | Command::Bench { .. }
             | Command::Logout { .. }
     )
 }
@@ -190,6 +192,12 @@ fn run(cli: Cli) -> Result<()> {
             containers::export(&root, &container, output.as_deref())
         }
         Command::Cp { src, dst } => containers::cp(&root, &src, &dst),
+        Command::Bench {
+            quick,
+            rounds,
+            out,
+            dir,
+        } => bench::run(quick, rounds, &out, &dir),
         Command::Pull {
             reference,
             platform,

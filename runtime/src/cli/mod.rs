@@ -240,6 +240,22 @@ pub enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Benchmark CoW I/O against volumes: the same workloads on a plain directory, tmpfs,
+    /// kernel overlay, Strata's FUSE union and fuse-overlayfs; report.md, .json and .svg.
+    Bench {
+        /// Small sizes, for CI (under two minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Interleaved rounds (the median of them is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Where the report goes.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// Where the scratch data lives (the host file system the volume row measures).
+        #[arg(long, default_value = "/var/tmp")]
+        dir: PathBuf,
+    },
     /// Make a one-layer image from a root filesystem tarball (plain, gzip or zstd).
     Import {
         /// The tarball.

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `strata` binary.
 
+mod bench;
 mod check;
 mod containerd;
 mod crash;
