@@ -15,10 +15,11 @@ fi
 # rootless FUSE mounts), fuse-overlayfs (the FUSE peer; the snapshotter's FUSE-mode tests use it
 # as a mount helper), python3 (a second process holding POSIX locks in the FUSE tests),
 # docker-registry (distribution 2.8: the registry pull/push run against), apache2-utils
-# (htpasswd for its basic auth), curl (puts an image index by hand). The conformance suite's own
+# (htpasswd for its basic auth), curl (puts an image index by hand), openssl (signs the test
+# token server's JWTs). The conformance suite's own
 # setup installs Go and containerd's sources.
 packages=(umoci skopeo tar attr kmod containerd runc busybox-static fuse3 fuse-overlayfs python3
-  docker-registry apache2-utils curl)
+  docker-registry apache2-utils curl openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -196,7 +196,7 @@ impl Client {
                     "{}: the token server {realm} refused {}: {}",
                     self.host,
                     if self.creds.is_some() {
-                        "the stored credentials"
+                        "the credentials"
                     } else {
                         "anonymous access (run `strata login`)"
                     },

@@ -298,10 +298,8 @@ struct Tee<'a, R> {
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.cancel.load(Ordering::Relaxed) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
-                "cancelled: another layer failed",
-            ));
+            // Not ErrorKind::Interrupted: readers retry those.
+            return Err(std::io::Error::other("cancelled: another layer failed"));
         }
         let n = self.inner.read(buf)?;
         if n as u64 > self.left {
@@ -668,6 +666,27 @@ fn run_job(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cancelled tee fails its reader at once: std's readers retry `Interrupted` forever, which
+    /// once left a layer spinning after another had failed.
+    #[test]
+    fn a_cancelled_tee_ends_its_reader() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("content/ingest")).unwrap();
+        let cancel = AtomicBool::new(true);
+        let mut tee = Tee {
+            inner: &b"data that will never be read"[..],
+            ingest: Ingest::new(t.path()).unwrap(),
+            cancel: &cancel,
+            left: 100,
+            bar: None,
+        };
+        let mut out = Vec::new();
+        let e = std::io::BufReader::new(&mut tee)
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(e.to_string().contains("cancelled"), "{e}");
+    }
 
     #[test]
     fn platforms_parse() {

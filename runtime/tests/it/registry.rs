@@ -16,13 +16,6 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path, htpasswd: Option<&Path>) -> Registry {
-        require_command("docker-registry");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let storage = dir.join(format!("registry-{port}"));
         let auth = htpasswd
             .map(|p| {
                 format!(
@@ -31,6 +24,18 @@ impl Registry {
                 )
             })
             .unwrap_or_default();
+        Self::start_with_auth(dir, &auth)
+    }
+
+    /// A registry with `auth` (a YAML `auth:` section) as its config says.
+    pub fn start_with_auth(dir: &Path, auth: &str) -> Registry {
+        require_command("docker-registry");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let storage = dir.join(format!("registry-{port}"));
         let config = dir.join(format!("registry-{port}.yml"));
         std::fs::write(
             &config,
@@ -123,6 +128,31 @@ fn tree(root: &Path) -> Vec<String> {
     walk(root, root, &mut out);
     out.sort();
     out
+}
+
+/// [`fails`], but a pull that has not ended after a minute is a hang: killed, and the test fails.
+/// (A failed layer used to stop the others with an error readers retry forever.)
+fn fails_within(cmd: &mut Command, needle: &str) -> String {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("{cmd:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && err.contains(needle),
+        "{cmd:?}: expected a failure mentioning {needle:?}:\n{err}"
+    );
+    err
 }
 
 #[test]
@@ -284,7 +314,7 @@ fn a_corrupt_or_missing_blob_leaves_the_store_as_it_was() {
         *b ^= 0xff;
     }
     std::fs::write(&f, &data).unwrap();
-    let err = fails(sr(&dst, t.path()).args(["pull", &name]), "pulling");
+    let err = fails_within(sr(&dst, t.path()).args(["pull", &name]), "pulling");
     assert!(
         err.contains("digest") || err.contains("corrupt") || err.contains("invalid"),
         "{err}"
@@ -292,7 +322,7 @@ fn a_corrupt_or_missing_blob_leaves_the_store_as_it_was() {
     assert_eq!(tree(&dst), before, "a failed pull changed the store");
     // A blob the registry lost: same answer.
     std::fs::remove_file(&f).unwrap();
-    fails(sr(&dst, t.path()).args(["pull", &name]), "pulling");
+    fails_within(sr(&dst, t.path()).args(["pull", &name]), "pulling");
     assert_eq!(tree(&dst), before, "a failed pull changed the store");
     assert!(
         ok(sr(&dst, t.path()).args(["images", "-q"]))
@@ -426,4 +456,114 @@ fn a_killed_pull_is_swept_and_the_next_one_succeeds() {
         assert_eq!(snaps.len(), 1, "one layer, one snapshot: {snaps:?}");
         ok(sr(&dst, t.path()).args(["rmi", &name]));
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills a child on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Bearer tokens, as Docker Hub does it: docker-registry with `auth: token`, and a token server
+/// (tests/fixtures/token_server.py, RS256 JWTs signed by openssl) that grants what it is asked
+/// to a user with the right password and nothing to anonymous requests.
+#[test]
+fn bearer_tokens_from_a_token_server() {
+    require_root();
+    require_command("openssl");
+    require_command("python3");
+    let t = scratch();
+    let (key, cert) = (t.path().join("key.pem"), t.path().join("cert.pem"));
+    ok(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=strata-token",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    let tport = free_port();
+    let server = Killed(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/token_server.py"
+            ))
+            .arg(tport.to_string())
+            .arg(&key)
+            .arg(&cert)
+            .args(["strata-issuer", "bob", "pw"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", tport)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the token server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reg = Registry::start_with_auth(
+        t.path(),
+        &format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{tport}/token\n    service: strata-test\n    issuer: strata-issuer\n    rootcertbundle: {}\n",
+            cert.display()
+        ),
+    );
+    let src = loaded(t.path());
+    let name = reg.name("tok/img:v1");
+    ok(sr(&src, t.path()).args(["tag", "localhost/img:latest", &name]));
+    // Anonymous: the token grants nothing, the registry refuses.
+    fails(sr(&src, t.path()).args(["push", &name]), "401");
+    let login = |pass: &str| {
+        let mut c = sr(&src, t.path());
+        c.args(["login", "-u", "bob", "--password-stdin", &reg.name("")])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{pass}\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let bad = login("nope");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("token server"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(login("pw").status.success());
+    let digest = ok(sr(&src, t.path()).args(["push", "-q", &name]));
+    let out = ok(sr(&t.path().join("fresh"), t.path()).args(["pull", &name]));
+    assert!(out.contains(&format!("Digest: {}", digest.trim())), "{out}");
+    drop(server);
 }
