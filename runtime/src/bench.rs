@@ -118,6 +118,11 @@ fn workloads(s: &Sizes) -> Vec<Workload> {
             false,
         ),
         w(
+            format!("4k rand write x{} (16 deep) + fsync", s.rand_ops / 4),
+            rand_write_deep,
+            false,
+        ),
+        w(
             format!("create {} files", s.small_files),
             create_many,
             false,
@@ -255,6 +260,37 @@ fn rand_write(m: &Path, _: &Path, s: &Sizes) -> Result<()> {
         let off = (xorshift(&mut x) % (s.rand_file / 4096)) * 4096;
         f.write_all_at(&buf, off).map_err(err("pwrite", &p))?;
     }
+    f.sync_all().map_err(err("fsync", &p))
+}
+
+fn rand_write_deep(m: &Path, _: &Path, s: &Sizes) -> Result<()> {
+    let p = m.join("rw");
+    let f = File::options()
+        .write(true)
+        .open(&p)
+        .map_err(err("open", &p))?;
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..16u64)
+            .map(|i| {
+                let f = &f;
+                sc.spawn(move || -> std::io::Result<()> {
+                    let mut x = 5 + i;
+                    let buf = [0x3cu8; 4096];
+                    for _ in 0..s.rand_ops / 4 / 16 {
+                        let off = (xorshift(&mut x) % (s.rand_file / 4096)) * 4096;
+                        f.write_all_at(&buf, off)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join()
+                .expect("writer thread")
+                .map_err(err("pwrite", &p))?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
     f.sync_all().map_err(err("fsync", &p))
 }
 
@@ -644,7 +680,7 @@ struct Report {
     seconds: f64,
     backends: Vec<&'static str>,
     workloads: Vec<String>,
-    /// [workload][backend]
+    /// Indexed by workload, then backend.
     cells: Vec<Vec<Cell>>,
     notes: Vec<String>,
 }
