@@ -368,9 +368,12 @@ impl fuser::Filesystem for Union {
             o.open(real).map_err(errno)
         })();
         match r {
+            // The kernel may keep this inode's cached pages across opens: every change to a
+            // file goes through this mount (lowers are immutable, the upper is ours), so the
+            // cache cannot go stale; a copy-up copies the same bytes.
             Ok(f) => reply.opened(
                 FileHandle(self.add_handle(Handle::File(Arc::new(f)))),
-                FopenFlags::empty(),
+                FopenFlags::FOPEN_KEEP_CACHE,
             ),
             Err(e) => reply.error(e),
         }
@@ -765,9 +768,13 @@ impl fuser::Filesystem for Union {
             Ok((a, self.add_handle(Handle::File(Arc::new(f)))))
         })();
         match r {
-            Ok((a, fh)) => {
-                reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
-            }
+            Ok((a, fh)) => reply.created(
+                &TTL,
+                &a,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(e),
         }
     }
