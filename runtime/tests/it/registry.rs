@@ -567,3 +567,78 @@ fn bearer_tokens_from_a_token_server() {
     assert!(out.contains(&format!("Digest: {}", digest.trim())), "{out}");
     drop(server);
 }
+
+/// HTTPS: docker-registry with a TLS certificate and basic auth. A loopback registry is
+/// insecure by default (as in Docker), so the certificate is not verified, but everything goes
+/// over TLS: the client speaks HTTPS first and keeps to it.
+#[test]
+fn https_with_basic_auth() {
+    require_root();
+    require_command("openssl");
+    require_command("htpasswd");
+    let t = scratch();
+    let (key, cert) = (t.path().join("tls.key"), t.path().join("tls.crt"));
+    ok(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    let pw = t.path().join("htpasswd");
+    std::fs::write(
+        &pw,
+        ok(Command::new("htpasswd").args(["-Bbn", "carol", "tls-pw"])),
+    )
+    .unwrap();
+    let reg = Registry::start_with_auth(
+        t.path(),
+        &format!(
+            "  tls:\n    certificate: {}\n    key: {}\nauth:\n  htpasswd:\n    realm: strata-test\n    path: {}\n",
+            cert.display(),
+            key.display(),
+            pw.display()
+        ),
+    );
+    // Plain HTTP is refused by a TLS registry: the answer must have come over TLS.
+    let plain = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://{}/v2/", reg.name("").trim_end_matches('/')))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "400",
+        "the registry is not on TLS"
+    );
+    let src = loaded(t.path());
+    let name = reg.name("secure/img:v1");
+    ok(sr(&src, t.path()).args(["tag", "localhost/img:latest", &name]));
+    let mut c = sr(&src, t.path());
+    c.args(["login", "-u", "carol", "--password-stdin", &reg.name("")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"tls-pw\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = ok(sr(&src, t.path()).args(["push", "-q", &name]));
+    let out = ok(sr(&t.path().join("fresh"), t.path()).args(["pull", &name]));
+    assert!(out.contains(digest.trim()), "{out}");
+}
