@@ -40,19 +40,8 @@ umoci repack --image "$L:latest" "$B" >/dev/null
 umoci config --image "$L:latest" --config.cmd /bin/sh >/dev/null
 tar -C "$L" -cf "$d/img.tar" .
 
-cat > "$d/config.toml" <<TOML
-version = 2
-root = "$d/ctrd/root"
-state = "$d/ctrd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$d/ctrd.sock"
-[ttrpc]
-  address = "$d/ctrd.sock.ttrpc"
-TOML
-containerd --config "$d/config.toml" >"$d/ctrd.log" 2>&1 &
-echo $! >"$d/ctrd.pid"
-for _ in $(seq 100); do [ -S "$d/ctrd.sock" ] && break; sleep 0.1; done
+. "$here/benches/containerd.sh"
+start_containerd
 ctr="ctr --address $d/ctrd.sock"
 
 now() { date +%s%N; }

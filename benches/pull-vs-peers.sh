@@ -59,22 +59,7 @@ ref=127.0.0.1:$port/bench/img:v1
 "$strata" --root "$d/src" tag localhost/img:latest "$ref"
 "$strata" --root "$d/src" push -q "$ref" >/dev/null
 
-start_containerd() {
-  rm -rf "$d/ctrd"
-  cat > "$d/config.toml" <<TOML
-version = 2
-root = "$d/ctrd/root"
-state = "$d/ctrd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$d/ctrd.sock"
-[ttrpc]
-  address = "$d/ctrd.sock.ttrpc"
-TOML
-  containerd --config "$d/config.toml" >"$d/ctrd.log" 2>&1 &
-  echo $! >"$d/ctrd.pid"
-  for _ in $(seq 100); do [ -S "$d/ctrd.sock" ] && break; sleep 0.1; done
-}
+. "$here/benches/containerd.sh"
 stop_containerd() {
   kill "$(cat "$d/ctrd.pid")"; while kill -0 "$(cat "$d/ctrd.pid")" 2>/dev/null; do sleep 0.1; done
   umount -R "$d/ctrd" 2>/dev/null || true

@@ -96,6 +96,25 @@ fn sr(root: &Path, dir: &Path) -> Command {
     c
 }
 
+/// `strata login -u USER --password-stdin SERVER` with `pass` on stdin.
+fn login(root: &Path, dir: &Path, server: &str, user: &str, pass: &str) -> std::process::Output {
+    let mut child = sr(root, dir)
+        .args(["login", "-u", user, "--password-stdin", server])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{pass}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn skopeo_digest(reference: &str) -> String {
     require_command("skopeo");
     let out = ok(Command::new("skopeo").args([
@@ -231,22 +250,7 @@ fn basic_auth_rejects_without_login_and_accepts_after() {
         sr(&src, t.path()).args(["push", &name]),
         "authentication required",
     );
-    let login = |pass: &str| {
-        let mut c = sr(&src, t.path());
-        c.args(["login", "-u", "alice", "--password-stdin", &reg.name("")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{pass}\n").as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let login = |pass: &str| login(&src, t.path(), &reg.name(""), "alice", pass);
     let bad = login("wrong");
     assert!(!bad.status.success());
     assert!(
@@ -538,22 +542,7 @@ fn bearer_tokens_from_a_token_server() {
     ok(sr(&src, t.path()).args(["tag", "localhost/img:latest", &name]));
     // Anonymous: the token grants nothing, the registry refuses.
     fails(sr(&src, t.path()).args(["push", &name]), "401");
-    let login = |pass: &str| {
-        let mut c = sr(&src, t.path());
-        c.args(["login", "-u", "bob", "--password-stdin", &reg.name("")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{pass}\n").as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let login = |pass: &str| login(&src, t.path(), &reg.name(""), "bob", pass);
     let bad = login("nope");
     assert!(!bad.status.success());
     assert!(
@@ -624,15 +613,7 @@ fn https_with_basic_auth() {
     let src = loaded(t.path());
     let name = reg.name("secure/img:v1");
     ok(sr(&src, t.path()).args(["tag", "localhost/img:latest", &name]));
-    let mut c = sr(&src, t.path());
-    c.args(["login", "-u", "carol", "--password-stdin", &reg.name("")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"tls-pw\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = login(&src, t.path(), &reg.name(""), "carol", "tls-pw");
     assert!(
         out.status.success(),
         "{}",
