@@ -6,6 +6,7 @@
 # A crash leaves its input in fuzz/artifacts/TARGET and makes the script exit 1.
 #   bash scripts/fuzz.sh 600              # 10 minutes per target
 #   bash scripts/fuzz.sh 60 apply reference
+#   FUZZ_BUILD="--dev" bash scripts/fuzz.sh 10   # CI: a quicker build (fewer optimizations)
 # Needs cargo-fuzz (`cargo install cargo-fuzz`); the stable toolchain builds the sanitizer
 # instrumentation with RUSTC_BOOTSTRAP=1 (this machine has no nightly).
 set -euo pipefail
@@ -50,7 +51,8 @@ for target in "${targets[@]}"; do
     apply|tar_reader|form_convert|load_archive) cp -n "$tars"/seeds/*.tar "$corpus"/ ;;
   esac
   log=$(mktemp)
-  if cargo fuzz run "$target" "$corpus" -- -max_total_time="$secs" -rss_limit_mb=4096 \
+  # shellcheck disable=SC2086
+  if cargo fuzz run ${FUZZ_BUILD:-} "$target" "$corpus" -- -max_total_time="$secs" -rss_limit_mb=4096 \
       -artifact_prefix="artifacts/$target/" >"$log" 2>&1; then
     res=ok
   else

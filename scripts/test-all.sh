@@ -43,7 +43,7 @@ echo "== cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "== fuzz: every target built and run for 10 s (bash scripts/fuzz.sh 600 for the long run)"
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
-bash scripts/fuzz.sh 10
+FUZZ_BUILD="--dev" bash scripts/fuzz.sh 10
 echo "== strata demo"
 cargo build --release --quiet -p strata-runtime
 ./target/release/strata demo
