@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use strata_overlay::Digest;
 
-use crate::image::{Images, chain_id};
+use crate::image::{Images, Store, chain_id};
 use crate::{Error, Result};
 
 /// One problem found.
@@ -67,13 +67,6 @@ fn hex_name(p: &Path) -> Option<String> {
     .then(|| n.to_string())
 }
 
-fn hash_file(p: &Path) -> Result<Digest> {
-    let f = std::fs::File::open(p).map_err(|e| Error::io("open", p, e))?;
-    let r = strata_overlay::digest::HashReader::new(std::io::BufReader::with_capacity(1 << 20, f));
-    let (d, _) = r.finish().map_err(|e| Error::io("read", p, e))?;
-    Ok(d.expect("hashed"))
-}
-
 /// Checks the store at `root`; with `repair`, fixes what can be fixed (see the module doc).
 pub fn check(root: &Path, repair: bool) -> Result<Report> {
     let mut report = Report::default();
@@ -106,7 +99,7 @@ pub fn check(root: &Path, repair: bool) -> Result<Report> {
             );
             continue;
         };
-        let actual = hash_file(&p)?;
+        let actual = Store::hash_file(&p)?;
         if actual.hex() != hex {
             let fixed = repair && std::fs::remove_file(&p).is_ok();
             report.found(

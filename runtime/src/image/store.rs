@@ -126,6 +126,15 @@ impl Store {
         Ok(data)
     }
 
+    /// The sha256 of the file at `p`, streamed (a blob of any size, named or not).
+    pub fn hash_file(p: &Path) -> Result<Digest> {
+        let f = std::fs::File::open(p).map_err(|e| Error::io("open", p, e))?;
+        let r =
+            strata_overlay::digest::HashReader::new(std::io::BufReader::with_capacity(1 << 20, f));
+        let (d, _) = r.finish().map_err(|e| Error::io("read", p, e))?;
+        Ok(d.expect("HashReader::finish hashes"))
+    }
+
     /// A new blob being written into the ingest dir (see [`Ingest`]).
     pub fn ingest(&self) -> Result<Ingest> {
         Ingest::new(&self.root)

@@ -188,7 +188,7 @@ impl Client {
         if let Some(c) = &self.creds {
             req = req.header("Authorization", format!("Basic {}", c.basic()));
         }
-        let mut resp = req.call().map_err(|e| transport(realm, e))?;
+        let resp = req.call().map_err(|e| transport(realm, e))?;
         match resp.status().as_u16() {
             200 => {}
             401 | 403 => {
@@ -210,12 +210,7 @@ impl Client {
                 )));
             }
         }
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(1 << 20)
-            .read_to_vec()
-            .map_err(|e| transport(realm, e))?;
+        let body = self.read_small(resp, 1 << 20)?;
         auth::token_from(&body).ok_or_else(|| {
             Error::Registry(format!("{}: token server {realm} sent no token", self.host))
         })
@@ -296,14 +291,9 @@ impl Client {
     }
 
     /// The error for an unexpected response: the status and the registry's error codes.
-    pub fn failure(&self, method: &str, path: &str, mut r: Response<ureq::Body>) -> Error {
+    pub fn failure(&self, method: &str, path: &str, r: Response<ureq::Body>) -> Error {
         let status = r.status();
-        let body = r
-            .body_mut()
-            .with_config()
-            .limit(64 << 10)
-            .read_to_vec()
-            .unwrap_or_default();
+        let body = self.read_small(r, 64 << 10).unwrap_or_default();
         let detail = registry_errors(&body);
         let what = format!("{}: {method} {path}: {status}{detail}", self.host);
         match status.as_u16() {

@@ -291,7 +291,8 @@ struct Tee<'a, R> {
     inner: R,
     ingest: Ingest,
     cancel: &'a AtomicBool,
-    left: u64,
+    /// The size the descriptor gave; the ingest file counts what has come.
+    size: u64,
     bar: Option<&'a indicatif::ProgressBar>,
 }
 
@@ -302,12 +303,11 @@ impl<R: Read> Read for Tee<'_, R> {
             return Err(std::io::Error::other("cancelled: another layer failed"));
         }
         let n = self.inner.read(buf)?;
-        if n as u64 > self.left {
+        if self.ingest.written() + n as u64 > self.size {
             return Err(std::io::Error::other(
                 "the blob is larger than its descriptor says",
             ));
         }
-        self.left -= n as u64;
         std::io::Write::write_all(&mut self.ingest, &buf[..n])?;
         if let Some(b) = self.bar {
             b.inc(n as u64);
@@ -534,19 +534,13 @@ fn fetch_and_unpack(
         }
     });
     let mut done = Vec::new();
-    let mut first_err: Option<Error> = None;
+    let mut errors = Vec::new();
     for r in results.into_inner().expect("results lock") {
         match r.expect("every job ran") {
-            Ok(d) => {
-                done.push(Some(d));
-            }
+            Ok(d) => done.push(Some(d)),
             Err(e) => {
                 done.push(None);
-                // The first real failure, not a layer stopped because of it.
-                if first_err.as_ref().is_none_or(is_cancel) && !is_cancel(&e) || first_err.is_none()
-                {
-                    first_err = Some(e);
-                }
+                errors.push(e);
             }
         }
     }
@@ -556,8 +550,10 @@ fn fetch_and_unpack(
             added_blobs.push(j.blob);
         }
     }
-    if let Some(e) = first_err {
-        return Err(e);
+    // The first real failure, not a layer stopped because of it.
+    if !errors.is_empty() {
+        let first = errors.iter().position(|e| !is_cancel(e)).unwrap_or(0);
+        return Err(errors.swap_remove(first));
     }
     let mut size = 0;
     let mut downloaded = 0;
@@ -631,7 +627,7 @@ fn run_job(
                 inner: Client::reader(r),
                 ingest: Ingest::new(root)?,
                 cancel,
-                left: job.size,
+                size: job.size,
                 bar,
             };
             let report = if job.action == Action::Fetch {
@@ -646,13 +642,15 @@ fn run_job(
                     .map_err(|e| Error::Registry(format!("layer {}: {e}", job.blob)))?;
                 None
             };
-            if tee.left != 0 {
+            let bytes = tee.ingest.written();
+            if bytes != job.size {
                 return Err(Error::Registry(format!(
                     "layer {}: {} bytes short of the {} its descriptor says",
-                    job.blob, tee.left, job.size
+                    job.blob,
+                    job.size - bytes,
+                    job.size
                 )));
             }
-            let bytes = tee.ingest.written();
             let (_, _, blob_new) = tee.ingest.finish(Some(&job.blob))?;
             Ok(Done {
                 report,
@@ -678,7 +676,7 @@ mod tests {
             inner: &b"data that will never be read"[..],
             ingest: Ingest::new(t.path()).unwrap(),
             cancel: &cancel,
-            left: 100,
+            size: 100,
             bar: None,
         };
         let mut out = Vec::new();
