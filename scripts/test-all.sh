@@ -16,10 +16,10 @@ fi
 # as a mount helper), python3 (a second process holding POSIX locks in the FUSE tests),
 # docker-registry (distribution 2.8: the registry pull/push run against), apache2-utils
 # (htpasswd for its basic auth), curl (puts an image index by hand), openssl (signs the test
-# token server's JWTs). The conformance suite's own
-# setup installs Go and containerd's sources.
+# token server's JWTs), libacl1-dev (to build pjdfstest, the POSIX suite). The conformance
+# suite's own setup installs Go and containerd's sources.
 packages=(umoci skopeo tar attr kmod containerd runc busybox-static fuse3 fuse-overlayfs python3
-  docker-registry apache2-utils curl openssl)
+  docker-registry apache2-utils curl openssl libacl1-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -41,6 +41,9 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo doc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+echo "== pjdfstest 0.2.2 (the POSIX suite the FUSE tests run) and its second test user"
+command -v pjdfstest >/dev/null || cargo install --quiet pjdfstest --version 0.2.2
+id tests >/dev/null 2>&1 || useradd -M -U tests
 echo "== fuzz: every target built and run for 10 s (bash scripts/fuzz.sh 600 for the long run)"
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
 FUZZ_BUILD="--dev" bash scripts/fuzz.sh 10

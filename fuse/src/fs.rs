@@ -46,7 +46,8 @@ impl Drop for Writing<'_> {
 
 /// What an open handle refers to.
 enum Handle {
-    File(Arc<File>),
+    /// An open file and its node, so an unlinked open file still answers `getattr`.
+    File(u64, Arc<File>),
     /// A directory's merged listing, taken at opendir: (name, node, type).
     Dir(Arc<Listing>),
 }
@@ -65,6 +66,18 @@ pub struct Union {
 }
 
 use crate::ops::errno;
+
+/// The longest name a component may have (NAME_MAX of ext4, xfs, btrfs and tmpfs). Checked
+/// here because a longer one would otherwise read as absent: the `.wh.` probe of the layers
+/// fails and the lookup answers ENOENT, where kernel overlay answers ENAMETOOLONG.
+const NAME_MAX: usize = 255;
+
+fn check_name(name: &OsStr) -> Result<(), Errno> {
+    if name.len() > NAME_MAX {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    Ok(())
+}
 
 fn time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
@@ -149,6 +162,7 @@ impl Union {
 
     /// The path of `name` in directory node `parent`, which must be a directory.
     fn child(&self, parent: u64, name: &OsStr) -> Result<PathBuf, Errno> {
+        check_name(name)?;
         if crate::layer::is_marker(name) {
             return Err(Errno::EPERM);
         }
@@ -240,6 +254,15 @@ impl Union {
         fh
     }
 
+    /// An open handle's file for node `ino`, if it has one.
+    fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
+        let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        handles.values().find_map(|h| match h {
+            Handle::File(i, f) if *i == ino => Some(f.clone()),
+            _ => None,
+        })
+    }
+
     fn file(&self, fh: u64) -> Option<Arc<File>> {
         match self
             .handles
@@ -247,7 +270,7 @@ impl Union {
             .unwrap_or_else(|p| p.into_inner())
             .get(&fh)
         {
-            Some(Handle::File(f)) => Some(f.clone()),
+            Some(Handle::File(_, f)) => Some(f.clone()),
             _ => None,
         }
     }
@@ -305,6 +328,7 @@ impl fuser::Filesystem for Union {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let r = (|| {
+            check_name(name)?;
             let (ppath, p) = self.resolve(parent.0)?;
             let Resolved::Dir { layers, .. } = p else {
                 return Err(Errno::ENOTDIR);
@@ -333,7 +357,15 @@ impl fuser::Filesystem for Union {
         }
         match self.resolve(ino.0) {
             Ok((_, r)) => reply.attr(&TTL, &attr(ino.0, r.stat())),
-            Err(e) => reply.error(e),
+            // fstat of an open, unlinked file comes without its handle: any open handle of
+            // the node answers (link count 0, as on kernel overlay).
+            Err(e) => match self.open_file_of(ino.0) {
+                Some(f) => match nix::sys::stat::fstat(&*f) {
+                    Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+                    Err(e) => reply.error(Errno::from_i32(e as i32)),
+                },
+                None => reply.error(e),
+            },
         }
     }
 
@@ -372,7 +404,7 @@ impl fuser::Filesystem for Union {
             // file goes through this mount (lowers are immutable, the upper is ours), so the
             // cache cannot go stale; a copy-up copies the same bytes.
             Ok(f) => reply.opened(
-                FileHandle(self.add_handle(Handle::File(Arc::new(f)))),
+                FileHandle(self.add_handle(Handle::File(ino.0, Arc::new(f)))),
                 FopenFlags::FOPEN_KEEP_CACHE,
             ),
             Err(e) => reply.error(e),
@@ -765,7 +797,7 @@ impl fuser::Filesystem for Union {
             let f = o.open(&real).map_err(errno)?;
             self.own(req, &real);
             let a = self.entry_of(&rel)?;
-            Ok((a, self.add_handle(Handle::File(Arc::new(f)))))
+            Ok((a, self.add_handle(Handle::File(a.ino.0, Arc::new(f)))))
         })();
         match r {
             Ok((a, fh)) => reply.created(

@@ -274,6 +274,30 @@ fn errors_callers_rely_on() {
     assert_eq!(errno_of(std::fs::metadata(u.p("file"))), libc::ENOENT);
     std::fs::write(u.p("file"), b"again").unwrap();
     assert_eq!(std::fs::read(u.p("file")).unwrap(), b"again");
+    // A component longer than NAME_MAX is ENAMETOOLONG, not ENOENT (pjdfstest checks it).
+    let long = "n".repeat(256);
+    assert_eq!(errno_of(std::fs::metadata(u.p(&long))), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno_of(std::fs::write(u.p(&long), b"")),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        errno_of(std::fs::metadata(u.p(&format!("moved/{long}/x")))),
+        libc::ENAMETOOLONG
+    );
+    // An open file, unlinked, still answers fstat (link count 0) and I/O.
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(u.p("open-unlinked"))
+        .unwrap();
+    std::fs::remove_file(u.p("open-unlinked")).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    f.write_all(b"still here").unwrap();
+    let mut back = [0u8; 10];
+    std::os::unix::fs::FileExt::read_at(&f, &mut back, 0).unwrap();
+    assert_eq!(&back, b"still here");
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod crash;
 mod images;
 mod layer;
 mod lifecycle;
+mod pjdfstest;
 mod registry;
 mod rootless;
 mod run;
