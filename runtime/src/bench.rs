@@ -1,6 +1,6 @@
 //! `strata bench`: the same workloads on a volume (a plain directory on the host file system,
 //! as a bind mount gives), tmpfs, a kernel overlay snapshot, Strata's FUSE union and
-//! fuse-overlayfs (when installed), interleaved rounds, median with min and max, written as
+//! fuse-overlayfs 1.10 and its Rust rewrite 2.0 (each when installed), interleaved rounds, median with min and max, written as
 //! `report.md`, `report.json` and `report.svg` (grouped bars: speed relative to the volume).
 //!
 //! Each round sets up every backend afresh on the same lower content (a copy of it for the
@@ -55,13 +55,22 @@ const FULL: Sizes = Sizes {
     inserts: 1000,
 };
 
-const BACKENDS: [&str; 5] = [
+const BACKENDS: [&str; 6] = [
     "volume",
     "tmpfs",
     "overlay",
     "strata-fuse",
     "fuse-overlayfs",
+    "fuse-overlayfs-rs",
 ];
+
+/// fuse-overlayfs 2.0, the Rust rewrite (`cargo install --root /opt/strata-peers
+/// fuse-overlayfs@2.0.0`: its binary has the C one's name, so it lives off the PATH).
+fn fuse_overlayfs_rs() -> PathBuf {
+    std::env::var_os("STRATA_FUSE_OVERLAYFS_RS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/strata-peers/bin/fuse-overlayfs"))
+}
 
 struct Workload {
     name: String,
@@ -503,8 +512,13 @@ impl Env {
                 true
             }
             _ => {
+                let prog = if kind == "fuse-overlayfs" {
+                    PathBuf::from("fuse-overlayfs")
+                } else {
+                    fuse_overlayfs_rs()
+                };
                 union(
-                    Command::new("fuse-overlayfs")
+                    Command::new(prog)
                         .arg("-o")
                         .arg(format!(
                             "lowerdir={},upperdir={},workdir={}",
@@ -590,14 +604,17 @@ pub fn run(quick: bool, rounds: usize, out: &Path, dir: &Path) -> Result<()> {
     }
     let sizes = if quick { QUICK } else { FULL };
     let rounds = rounds.max(1);
-    let have_fuse_overlayfs = Command::new("fuse-overlayfs")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let runs = |p: &Path| Command::new(p).arg("--version").output().is_ok();
+    let have_c = runs(Path::new("fuse-overlayfs"));
+    let have_rs = runs(&fuse_overlayfs_rs());
     let backends: Vec<&'static str> = BACKENDS
         .iter()
         .copied()
-        .filter(|b| *b != "fuse-overlayfs" || have_fuse_overlayfs)
+        .filter(|b| match *b {
+            "fuse-overlayfs" => have_c,
+            "fuse-overlayfs-rs" => have_rs,
+            _ => true,
+        })
         .collect();
     std::fs::create_dir_all(dir).map_err(err("create", dir))?;
     let scratch = tempfile_in(dir)?;
@@ -767,7 +784,9 @@ impl Report {
     /// Grouped bars, one group per workload, one colour per backend; the axis is speed relative
     /// to the volume on a log scale (1 = as fast as the volume).
     fn svg(&self) -> String {
-        let colours = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974"];
+        let colours = [
+            "#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd",
+        ];
         let (bar, gap, left, top, h) = (14.0, 18.0, 260.0, 40.0, 300.0);
         let group = bar * self.backends.len() as f64 + gap;
         let height = top + group * self.workloads.len() as f64 + 60.0;
