@@ -34,6 +34,15 @@ fn a_quick_bench_writes_a_complete_report() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     let workloads = json["workloads"].as_array().unwrap();
+    // The five every machine has, and fuse-overlayfs 2.0 where it is installed.
+    let all = json["backends"].as_array().unwrap();
+    assert!(
+        all.len() == backends.len() || all.len() == backends.len() + 1,
+        "{all:?}"
+    );
+    for b in backends {
+        assert!(all.iter().any(|x| x == b), "{b} missing from {all:?}");
+    }
     assert_eq!(rows.len(), workloads.len());
     assert!(workloads.len() >= 16, "{} workloads", workloads.len());
     for name in [
@@ -75,7 +84,7 @@ fn a_quick_bench_writes_a_complete_report() {
     assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
     assert_eq!(
         svg.matches("<rect class=\"bar\"").count(),
-        workloads.len() * backends.len(),
+        workloads.len() * all.len(),
         "one bar per workload and backend"
     );
     // Nothing is left in the scratch dir but the report.
