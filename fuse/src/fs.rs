@@ -6,7 +6,7 @@
 //! I/O: the inode table's lock covers map updates only, and open files live in a handle table
 //! whose lock is held just long enough to clone an `Arc<File>`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -34,13 +34,24 @@ const TTL: Duration = Duration::from_secs(1);
 /// Directories kept resolved at most (the cache is dropped whole beyond; memory stays bounded).
 const DIR_CACHE: usize = 65_536;
 
-/// A change in progress (see [`Union::upper`]).
-struct Writing<'a>(&'a Union);
+/// A change in progress (see [`Union::upper`]): the merged paths it touches are noted, and when
+/// it ends their cached resolutions are dropped.
+struct Writing<'a> {
+    union: &'a Union,
+    touched: Vec<PathBuf>,
+}
+
+impl Writing<'_> {
+    /// The change alters the merged entry at `rel` (or what is below it), and may copy up
+    /// its parents.
+    fn touch(&mut self, rel: &Path) {
+        self.touched.push(rel.to_path_buf());
+    }
+}
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        self.0.generation.fetch_add(1, Ordering::SeqCst);
-        self.0.writers.fetch_sub(1, Ordering::SeqCst);
+        self.union.invalidate(&self.touched);
     }
 }
 
@@ -48,17 +59,25 @@ impl Drop for Writing<'_> {
 enum Handle {
     /// An open file and its node, so an unlinked open file still answers `getattr`.
     File(u64, Arc<File>),
-    /// A directory's merged listing, taken at opendir: (name, node, type).
-    Dir(Arc<Listing>),
+    /// An open directory.
+    Dir(Arc<OpenDir>),
+}
+
+/// An open directory: its merged listing is read on the first `readdir` (none when the kernel
+/// answers from its own cache of the listing) and again when the reader starts over.
+struct OpenDir {
+    ino: u64,
+    list: Mutex<Option<Arc<Listing>>>,
 }
 
 /// The union filesystem served over FUSE.
 pub struct Union {
     stack: Stack,
-    /// Resolved directories, with the generation they were resolved in.
-    dirs: std::sync::RwLock<HashMap<PathBuf, (u64, Resolved)>>,
+    /// Resolved directories of the merged view. A change drops the entries of the paths it
+    /// touches (see [`Writing`]); `generation` counts changes, so a resolution that raced
+    /// with one is not cached.
+    dirs: std::sync::RwLock<BTreeMap<PathBuf, Resolved>>,
     generation: AtomicU64,
-    writers: AtomicU64,
     upper: Option<crate::ops::Upper>,
     nodes: Nodes,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -135,7 +154,6 @@ impl Union {
             stack,
             dirs: Default::default(),
             generation: AtomicU64::new(0),
-            writers: AtomicU64::new(0),
             upper: None,
             nodes: Nodes::new(),
             handles: Mutex::new(HashMap::new()),
@@ -152,12 +170,101 @@ impl Union {
         u
     }
 
-    /// The upper, for a change: while the returned guard lives the directory cache is not
-    /// used, and when it drops the cache is invalidated.
+    /// The upper, for a change: the returned guard notes the paths the change touches, and
+    /// drops what the directory cache holds of them when it ends.
     fn upper(&self) -> Result<(&crate::ops::Upper, Writing<'_>), Errno> {
         let up = self.upper.as_ref().ok_or(Errno::EROFS)?;
-        self.writers.fetch_add(1, Ordering::SeqCst);
-        Ok((up, Writing(self)))
+        Ok((
+            up,
+            Writing {
+                union: self,
+                touched: Vec::new(),
+            },
+        ))
+    }
+
+    /// Drops the cached resolutions a change of `touched` may have made wrong: each touched
+    /// path's subtree (renamed, removed, made opaque or copied up) and its ancestors not yet
+    /// in the upper (a change copies them up). Ancestors already in the upper keep their
+    /// layers; their attributes are read afresh where they are answered (`getattr`). With
+    /// nothing noted, everything goes.
+    fn invalidate(&self, touched: &[PathBuf]) {
+        let mut c = self.dirs.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if touched.is_empty() {
+            c.clear();
+            return;
+        }
+        for t in touched {
+            let below: Vec<PathBuf> = c
+                .range::<Path, _>((
+                    std::ops::Bound::Included(t.as_path()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(p, _)| p.starts_with(t))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in below {
+                c.remove(&p);
+            }
+            for a in t.ancestors().skip(1) {
+                if c.get(a).is_some_and(|r| r.layer() != 0) {
+                    c.remove(a);
+                }
+            }
+        }
+    }
+
+    /// What `path` is in the merged view: directories come from the cache, or are resolved
+    /// from their (cached) parent and cached; a non-directory is looked up in its parent.
+    fn resolve_path(&self, path: &Path) -> Result<Resolved, Errno> {
+        if let Some(r) = self
+            .dirs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+        {
+            return Ok(r.clone());
+        }
+        let at_gen = self.generation.load(Ordering::SeqCst);
+        let r = match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) => match self.resolve_path(parent)? {
+                Resolved::Dir { layers, .. } => self.stack.lookup(&layers, parent, name),
+                Resolved::File { .. } => None,
+            },
+            _ => self.stack.root(),
+        }
+        .ok_or(Errno::ENOENT)?;
+        if matches!(r, Resolved::Dir { .. }) {
+            let mut c = self.dirs.write().unwrap_or_else(|p| p.into_inner());
+            if self.generation.load(Ordering::SeqCst) == at_gen {
+                if c.len() >= DIR_CACHE {
+                    c.clear();
+                }
+                c.insert(path.to_path_buf(), r.clone());
+            }
+        }
+        Ok(r)
+    }
+
+    /// What `rel` is now, during a change: looked up afresh in its parent when the cache has
+    /// the parent in the upper (a change through this mount cannot have altered that parent's
+    /// layers unnoted), else resolved afresh from the root.
+    fn fresh(&self, rel: &Path) -> Option<Resolved> {
+        if let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) {
+            let cached = self
+                .dirs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(parent)
+                .cloned();
+            if let Some(Resolved::Dir { layers, .. }) = cached {
+                if layers[0] == 0 && self.stack.upper().is_some() {
+                    return self.stack.lookup(&layers, parent, name);
+                }
+            }
+        }
+        self.stack.resolve(rel)
     }
 
     /// The path of `name` in directory node `parent`, which must be a directory.
@@ -176,9 +283,10 @@ impl Union {
     /// Prepares a new name in the upper: it must not exist in the merged view; its parent is
     /// copied up; a whiteout there is removed (true if there was one).
     fn new_name(&self, parent: u64, name: &OsStr) -> Result<(PathBuf, bool), Errno> {
-        let (up, _writing) = self.upper()?;
+        let (up, mut w) = self.upper()?;
         let rel = self.child(parent, name)?;
-        if self.stack.resolve(&rel).is_some() {
+        w.touch(&rel);
+        if self.fresh(&rel).is_some() {
             return Err(Errno::EEXIST);
         }
         if let Some(p) = rel.parent() {
@@ -197,38 +305,28 @@ impl Union {
 
     /// The entry reply for `rel` after a change.
     fn entry_of(&self, rel: &Path) -> Result<FileAttr, Errno> {
-        let r = self.stack.resolve(rel).ok_or(Errno::ENOENT)?;
+        let r = self.fresh(rel).ok_or(Errno::ENOENT)?;
         Ok(attr(self.nodes.number_of(rel, linked(r.stat())), r.stat()))
     }
 
     /// The merged view's entry for node `ino`: its path and what it is now.
     fn resolve(&self, ino: u64) -> Result<(PathBuf, Resolved), Errno> {
         let path = self.nodes.path(ino).ok_or(Errno::ESTALE)?;
-        // Directories are resolved often (every lookup resolves its parent): they are cached
-        // until the next change through this mount (the lowers never change under it).
-        let at_gen = self.generation.load(Ordering::SeqCst);
-        let usable = self.writers.load(Ordering::SeqCst) == 0;
-        if usable {
-            if let Some((g, r)) = self
-                .dirs
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&path)
-            {
-                if *g == at_gen {
-                    return Ok((path, r.clone()));
-                }
-            }
-        }
-        let r = self.stack.resolve(&path).ok_or(Errno::ENOENT)?;
-        if usable && matches!(r, Resolved::Dir { .. }) && self.writers.load(Ordering::SeqCst) == 0 {
-            let mut c = self.dirs.write().unwrap_or_else(|p| p.into_inner());
-            if c.len() > DIR_CACHE {
-                c.clear();
-            }
-            c.insert(path.clone(), (at_gen, r.clone()));
-        }
+        let r = self.resolve_path(&path)?;
         Ok((path, r))
+    }
+
+    /// The attributes of node `ino` resolved as `r`: a directory's are read afresh (the cache
+    /// keeps its layers, not its times and link count, which change with its entries).
+    fn attr_of(&self, ino: u64, path: &Path, r: &Resolved) -> Result<FileAttr, Errno> {
+        match r {
+            Resolved::Dir { .. } => {
+                let st = nix::sys::stat::lstat(&self.real(path, r))
+                    .map_err(|e| Errno::from_i32(e as i32))?;
+                Ok(attr(ino, &st))
+            }
+            Resolved::File { stat, .. } => Ok(attr(ino, stat)),
+        }
     }
 
     /// Copies `path` up; a hard-linked file keeps its node under its upper identity (copy-up
@@ -275,16 +373,48 @@ impl Union {
         }
     }
 
-    fn listing(&self, fh: u64) -> Option<Arc<Listing>> {
-        match self
+    /// The listing of open directory `fh` for a read at `offset`: read now at offset 0 (a
+    /// reader starting over sees the directory as it is), kept for the reads that follow.
+    fn listing(&self, fh: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
+        let dir = match self
             .handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&fh)
         {
-            Some(Handle::Dir(d)) => Some(d.clone()),
-            _ => None,
+            Some(Handle::Dir(d)) => d.clone(),
+            _ => return Err(Errno::EBADF),
+        };
+        let mut list = dir.list.lock().unwrap_or_else(|p| p.into_inner());
+        match &*list {
+            Some(l) if offset != 0 => Ok(l.clone()),
+            _ => {
+                let l = Arc::new(self.read_listing(dir.ino)?);
+                *list = Some(l.clone());
+                Ok(l)
+            }
         }
+    }
+
+    /// The merged listing of directory node `ino`, each entry numbered.
+    fn read_listing(&self, ino: u64) -> Result<Listing, Errno> {
+        let (path, r) = self.resolve(ino)?;
+        let Resolved::Dir { layers, .. } = r else {
+            return Err(Errno::ENOTDIR);
+        };
+        let names = self.stack.read_dir(&layers, &path).map_err(errno)?;
+        let parent = path
+            .parent()
+            .map_or(crate::node::ROOT, |p| self.nodes.number(p));
+        let mut list = Vec::with_capacity(names.len() + 2);
+        list.push((".".into(), ino, FileType::Directory, None));
+        list.push(("..".into(), parent, FileType::Directory, None));
+        for (name, e) in names {
+            // A hard-linked file's number is its node's, whatever name this is.
+            let n = self.nodes.number_of(&path.join(&name), linked(&e.stat));
+            list.push((name, n, file_type(e.kind()), Some(e.stat)));
+        }
+        Ok(list)
     }
 
     fn xattr_names(&self, real: &Path) -> std::io::Result<Vec<u8>> {
@@ -356,7 +486,10 @@ impl fuser::Filesystem for Union {
             };
         }
         match self.resolve(ino.0) {
-            Ok((_, r)) => reply.attr(&TTL, &attr(ino.0, r.stat())),
+            Ok((p, r)) => match self.attr_of(ino.0, &p, &r) {
+                Ok(a) => reply.attr(&TTL, &a),
+                Err(e) => reply.error(e),
+            },
             // fstat of an open, unlinked file comes without its handle: any open handle of
             // the node answers (link count 0, as on kernel overlay).
             Err(e) => match self.open_file_of(ino.0) {
@@ -385,7 +518,8 @@ impl fuser::Filesystem for Union {
             let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
             let trunc = flags.0 & libc::O_TRUNC != 0;
             let real = if write || trunc {
-                let (up, _writing) = self.upper()?;
+                let (up, mut w) = self.upper()?;
+                w.touch(&path);
                 self.copy_up(up, &path)?;
                 up.root.join(&path)
             } else {
@@ -474,8 +608,9 @@ impl fuser::Filesystem for Union {
         reply: ReplyAttr,
     ) {
         let r = (|| {
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            w.touch(&path);
             self.copy_up(up, &path)?;
             let real = up.root.join(&path);
             if let Some(m) = mode {
@@ -539,7 +674,8 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             let (rel, _) = self.new_name(parent.0, name)?;
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
+            w.touch(&rel);
             let real = up.root.join(&rel);
             nix::sys::stat::mknod(
                 &real,
@@ -568,7 +704,8 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             let (rel, had_whiteout) = self.new_name(parent.0, name)?;
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
+            w.touch(&rel);
             let real = up.root.join(&rel);
             std::fs::create_dir(&real).map_err(errno)?;
             std::fs::set_permissions(
@@ -591,16 +728,17 @@ impl fuser::Filesystem for Union {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = (|| {
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
             let rel = self.child(parent.0, name)?;
-            let r = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?;
+            w.touch(&rel);
+            let r = self.fresh(&rel).ok_or(Errno::ENOENT)?;
             if let Resolved::Dir { .. } = r {
                 return Err(Errno::EISDIR);
             }
             if r.layer() == 0 {
                 std::fs::remove_file(up.root.join(&rel)).map_err(errno)?;
             }
-            if self.stack.resolve(&rel).is_some() {
+            if self.fresh(&rel).is_some() {
                 if let Some(p) = rel.parent() {
                     up.ensure_dir(&self.stack, p)?;
                 }
@@ -617,10 +755,10 @@ impl fuser::Filesystem for Union {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let r = (|| {
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
             let rel = self.child(parent.0, name)?;
-            let Resolved::Dir { layers, .. } = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?
-            else {
+            w.touch(&rel);
+            let Resolved::Dir { layers, .. } = self.fresh(&rel).ok_or(Errno::ENOENT)? else {
                 return Err(Errno::ENOTDIR);
             };
             if !self
@@ -634,7 +772,7 @@ impl fuser::Filesystem for Union {
             if layers[0] == 0 {
                 up.remove_dir(&up.root.join(&rel))?;
             }
-            if self.stack.resolve(&rel).is_some() {
+            if self.fresh(&rel).is_some() {
                 if let Some(p) = rel.parent() {
                     up.ensure_dir(&self.stack, p)?;
                 }
@@ -659,7 +797,8 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             let (rel, _) = self.new_name(parent.0, link_name)?;
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
+            w.touch(&rel);
             let real = up.root.join(&rel);
             std::os::unix::fs::symlink(target, &real).map_err(errno)?;
             self.own(req, &real);
@@ -685,10 +824,12 @@ impl fuser::Filesystem for Union {
             if flags.contains(fuser::RenameFlags::RENAME_EXCHANGE) {
                 return Err(Errno::EINVAL);
             }
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
             let from = self.child(parent.0, name)?;
             let to = self.child(newparent.0, newname)?;
-            let src = self.stack.resolve(&from).ok_or(Errno::ENOENT)?;
+            w.touch(&from);
+            w.touch(&to);
+            let src = self.fresh(&from).ok_or(Errno::ENOENT)?;
             let is_dir = matches!(src, Resolved::Dir { .. });
             if from == to {
                 return Ok(());
@@ -696,7 +837,7 @@ impl fuser::Filesystem for Union {
             if is_dir && to.starts_with(&from) {
                 return Err(Errno::EINVAL);
             }
-            let dst = self.stack.resolve(&to);
+            let dst = self.fresh(&to);
             if let Some(d) = &dst {
                 if flags.contains(fuser::RenameFlags::RENAME_NOREPLACE) {
                     return Err(Errno::EEXIST);
@@ -734,7 +875,7 @@ impl fuser::Filesystem for Union {
             if is_dir && (had_whiteout || dst.is_some()) {
                 up.set_opaque(&real_to)?;
             }
-            if self.stack.resolve(&from).is_some() {
+            if self.fresh(&from).is_some() {
                 up.whiteout(&from)?;
             }
             self.nodes.rename(&from, &to);
@@ -755,16 +896,18 @@ impl fuser::Filesystem for Union {
         reply: ReplyEntry,
     ) {
         let r = (|| {
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            w.touch(&path);
             self.copy_up(up, &path)?;
             let (rel, _) = self.new_name(newparent.0, newname)?;
+            w.touch(&rel);
             std::fs::hard_link(up.root.join(&path), up.root.join(&rel)).map_err(errno)?;
             self.nodes.add_name(&rel, ino.0);
             if let Ok(m) = nix::sys::stat::lstat(&up.root.join(&rel)) {
                 self.nodes.same_file((m.st_dev, m.st_ino), ino.0);
             }
-            let r = self.stack.resolve(&rel).ok_or(Errno::ENOENT)?;
+            let r = self.fresh(&rel).ok_or(Errno::ENOENT)?;
             // Both names are one inode: reply with the linked node's number.
             Ok(attr(ino.0, r.stat()))
         })();
@@ -786,7 +929,8 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             let (rel, _) = self.new_name(parent.0, name)?;
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
+            w.touch(&rel);
             let real = up.root.join(&rel);
             let mut o = std::fs::OpenOptions::new();
             o.read(flags & libc::O_ACCMODE != libc::O_WRONLY)
@@ -865,8 +1009,9 @@ impl fuser::Filesystem for Union {
             if is_overlay_xattr(name.as_bytes()) {
                 return Err(Errno::EPERM);
             }
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            w.touch(&path);
             self.copy_up(up, &path)?;
             crate::sys::lsetxattr(&up.root.join(&path), name, value).map_err(errno)
         })();
@@ -881,8 +1026,9 @@ impl fuser::Filesystem for Union {
             if is_overlay_xattr(name.as_bytes()) {
                 return Err(Errno::EPERM);
             }
-            let (up, _writing) = self.upper()?;
+            let (up, mut w) = self.upper()?;
             let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            w.touch(&path);
             self.copy_up(up, &path)?;
             crate::sys::lremovexattr(&up.root.join(&path), name).map_err(errno)
         })();
@@ -904,29 +1050,25 @@ impl fuser::Filesystem for Union {
         reply.ok();
     }
 
+    /// The listing is read on the first readdir; the kernel may keep it cached across opens
+    /// (every change to a directory goes through this mount, and the kernel drops its copy
+    /// of a directory it sees change).
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| {
-            let (path, r) = self.resolve(ino.0)?;
-            let Resolved::Dir { layers, .. } = r else {
+            let (_, r) = self.resolve(ino.0)?;
+            let Resolved::Dir { .. } = r else {
                 return Err(Errno::ENOTDIR);
             };
-            let names = self.stack.read_dir(&layers, &path).map_err(errno)?;
-            let parent = path
-                .parent()
-                .map_or(crate::node::ROOT, |p| self.nodes.number(p));
-            let mut list = vec![
-                (".".into(), ino.0, FileType::Directory, None),
-                ("..".into(), parent, FileType::Directory, None),
-            ];
-            for (name, e) in names {
-                // A hard-linked file's number is its node's, whatever name this is.
-                let n = self.nodes.number_of(&path.join(&name), linked(&e.stat));
-                list.push((name, n, file_type(e.kind()), Some(e.stat)));
-            }
-            Ok(self.add_handle(Handle::Dir(Arc::new(list))))
+            Ok(self.add_handle(Handle::Dir(Arc::new(OpenDir {
+                ino: ino.0,
+                list: Mutex::new(None),
+            }))))
         })();
         match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(e),
         }
     }
@@ -939,8 +1081,9 @@ impl fuser::Filesystem for Union {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(list) = self.listing(fh.0) else {
-            return reply.error(Errno::EBADF);
+        let list = match self.listing(fh.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
         };
         for (i, (name, n, kind, _)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*n), (i + 1) as u64, *kind, name) {
@@ -960,8 +1103,9 @@ impl fuser::Filesystem for Union {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(list) = self.listing(fh.0) else {
-            return reply.error(Errno::EBADF);
+        let list = match self.listing(fh.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
         };
         for (i, (name, n, _, st)) in list.iter().enumerate().skip(offset as usize) {
             let Some(st) = st else {

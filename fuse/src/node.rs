@@ -10,7 +10,7 @@
 //! unlinked. After a copy-up moves a linked file to the upper, [`Nodes::same_file`] ties the
 //! upper inode to the node, so names looked up later still find it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -20,7 +20,8 @@ pub const ROOT: u64 = 1;
 #[derive(Default)]
 struct Table {
     paths: Vec<PathBuf>,
-    by_path: HashMap<PathBuf, u64>,
+    /// Ordered, so a path's subtree is one range (paths order component by component).
+    by_path: BTreeMap<PathBuf, u64>,
     /// Linked files' `(st_dev, st_ino)` -> node.
     by_file: HashMap<(u64, u64), u64>,
     /// Node -> the `by_file` keys pointing at it.
@@ -30,6 +31,16 @@ struct Table {
 }
 
 impl Table {
+    /// Every known path at or below `path`, with its node (one range scan of the ordered map:
+    /// a path's descendants sort right after it).
+    fn subtree(&self, path: &Path) -> Vec<(PathBuf, u64)> {
+        self.by_path
+            .range::<Path, _>((std::ops::Bound::Included(path), std::ops::Bound::Unbounded))
+            .take_while(|(p, _)| p.starts_with(path))
+            .map(|(p, n)| (p.clone(), *n))
+            .collect()
+    }
+
     /// `p`, a name of node `n`, is gone: another name takes over, or the node is nameless (its
     /// file identities are dropped, so a reused inode number cannot find it).
     fn unname(&mut self, p: &Path, n: u64) {
@@ -139,13 +150,7 @@ impl Nodes {
     /// open file of the old one is not mistaken for it.
     pub fn forget_path(&self, path: &Path) {
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        let gone: Vec<PathBuf> = t
-            .by_path
-            .keys()
-            .filter(|p| p.starts_with(path))
-            .cloned()
-            .collect();
-        for p in gone {
+        for (p, _) in t.subtree(path) {
             if let Some(n) = t.by_path.remove(&p) {
                 t.unname(&p, n);
             }
@@ -157,13 +162,7 @@ impl Nodes {
     pub fn rename(&self, from: &Path, to: &Path) {
         self.forget_path(to);
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        let moved: Vec<(PathBuf, u64)> = t
-            .by_path
-            .iter()
-            .filter(|(p, _)| p.starts_with(from))
-            .map(|(p, n)| (p.clone(), *n))
-            .collect();
-        for (p, n) in moved {
+        for (p, n) in t.subtree(from) {
             let rest = p.strip_prefix(from).expect("filtered by prefix");
             // `join("")` would add a trailing slash, which no longer names a file.
             let new = if rest.as_os_str().is_empty() {
@@ -226,6 +225,29 @@ mod tests {
             a,
             "a deleted path's number is not reused"
         );
+    }
+
+    #[test]
+    fn a_subtree_is_exactly_the_paths_below() {
+        let n = Nodes::new();
+        let names = ["a", "a/b", "a/b/c", "a-b", "a.b", "ab", "a/z", "0", "b"];
+        let nums: Vec<u64> = names.iter().map(|p| n.number(Path::new(p))).collect();
+        n.rename(Path::new("a"), Path::new("m"));
+        for (p, want) in [("m", nums[0]), ("m/b/c", nums[2]), ("m/z", nums[6])] {
+            assert_eq!(n.number(Path::new(p)), want, "{p} moved with its parent");
+        }
+        for i in [3, 4, 5, 7, 8] {
+            let p = names[i];
+            assert_eq!(n.path(nums[i]).unwrap(), Path::new(p), "{p} is not below a");
+        }
+        n.forget_path(Path::new("m"));
+        assert!(
+            n.path(nums[1]).unwrap() == Path::new("m/b"),
+            "a forgotten node keeps its last name"
+        );
+        assert_ne!(n.number(Path::new("m/b")), nums[1]);
+        assert_eq!(n.number(Path::new("a-b")), nums[3]);
+        assert_eq!(n.number(Path::new("ab")), nums[5]);
     }
 
     #[test]

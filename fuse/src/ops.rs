@@ -145,6 +145,13 @@ impl Upper {
     /// itself, not its contents). For a hard-linked file copied now, the copy's
     /// `(st_dev, st_ino)`: all its names are that file from now on.
     pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<Option<(u64, u64)>, Errno> {
+        // Already in the upper (the top layer, so it is what the merged view shows): nothing to
+        // do, and no walk through the layers to find that out.
+        if std::fs::symlink_metadata(self.root.join(rel))
+            .is_ok_and(|m| !(m.file_type().is_char_device() && m.rdev() == 0))
+        {
+            return Ok(None);
+        }
         let r = stack.resolve(rel).ok_or(Errno::ENOENT)?;
         if r.layer() == 0 {
             return Ok(None);
@@ -260,20 +267,36 @@ impl Upper {
         Ok(had)
     }
 
-    /// Writes a whiteout for `rel` in the upper (its parent must exist there).
+    /// Writes a whiteout for `rel` in the upper (its parent must exist there): a hard link of
+    /// one shared char 0:0 in the work dir, as kernel overlay makes them (a link is cheaper
+    /// than a device node, and a deleted tree costs one inode, not one per name).
     pub fn whiteout(&self, rel: &Path) -> Result<(), Errno> {
         let here = self.root.join(rel);
-        match nix::sys::stat::mknod(&here, SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), 0) {
-            Ok(()) => Ok(()),
-            // Not allowed to make devices: the OCI form, which this filesystem reads as well.
-            Err(nix::errno::Errno::EPERM) => {
-                let name = rel.file_name().ok_or(Errno::EINVAL)?;
-                let mut wh = std::ffi::OsString::from(OsStr::from_bytes(WHITEOUT_PREFIX));
-                wh.push(name);
-                std::fs::write(here.with_file_name(wh), b"").map_err(errno)
+        let shared = self.work.join("#strata-whiteout");
+        for _ in 0..3 {
+            match std::fs::hard_link(&shared, &here) {
+                Ok(()) => return Ok(()),
+                // None yet, or it has all the links its filesystem allows: a new one.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EMLINK)) => {}
+                Err(e) => return Err(errno(e)),
             }
-            Err(e) => Err(nix_errno(e)),
+            let tmp = self.tmp();
+            match nix::sys::stat::mknod(&tmp, SFlag::S_IFCHR, Mode::empty(), 0) {
+                Ok(()) => std::fs::rename(&tmp, &shared).map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    errno(e)
+                })?,
+                // Not allowed to make devices: the OCI form, which this filesystem reads too.
+                Err(nix::errno::Errno::EPERM) => {
+                    let name = rel.file_name().ok_or(Errno::EINVAL)?;
+                    let mut wh = std::ffi::OsString::from(OsStr::from_bytes(WHITEOUT_PREFIX));
+                    wh.push(name);
+                    return std::fs::write(here.with_file_name(wh), b"").map_err(errno);
+                }
+                Err(e) => return Err(nix_errno(e)),
+            }
         }
+        Err(Errno::EMLINK)
     }
 
     /// Removes an upper directory that holds nothing but whiteouts and markers.

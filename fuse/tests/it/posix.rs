@@ -338,3 +338,146 @@ fn no_descriptor_leaks_over_100k_opens() {
         "descriptors leaked over 100k open/close cycles: {before} -> {after}"
     );
 }
+
+/// Every path below `root` with its type and permission bits and size (directories: 0), sorted.
+fn walk(root: &Path) -> Vec<(PathBuf, u32, u64)> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                todo.push(p.clone());
+            }
+            let size = if m.is_dir() { 0 } else { m.len() };
+            out.push((p.strip_prefix(root).unwrap().to_path_buf(), m.mode(), size));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The server caches resolved directories and the kernel caches listings across opens: a
+/// change must show at once all the same, in the listing, the attributes and the lookups
+/// below a renamed or deleted lower tree; deletions leave whiteouts that are links of one
+/// char 0:0 (as kernel overlay's are) and kernel overlay reads the upper the same.
+#[test]
+fn changes_show_at_once_through_the_caches() {
+    let mut u = Union::new(|l| {
+        std::fs::create_dir_all(l.join("a/b/c")).unwrap();
+        for f in ["a/1", "a/b/2", "a/b/c/3", "a/b/c/4"] {
+            std::fs::write(l.join(f), f).unwrap();
+        }
+        std::fs::create_dir_all(l.join("x/y")).unwrap();
+        std::fs::write(l.join("x/y/z"), b"z").unwrap();
+        std::fs::create_dir(l.join("a2")).unwrap();
+        std::fs::write(l.join("a2/f"), b"f").unwrap();
+    });
+    // Warm every cache: listings, lookups, attributes.
+    assert_eq!(names(&u.p("a/b")), ["2", "c"]);
+    assert_eq!(names(&u.p("a/b")), ["2", "c"]);
+    let before = std::fs::metadata(u.p("a/b")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(u.p("a/b/new"), b"n").unwrap();
+    assert_eq!(
+        names(&u.p("a/b")),
+        ["2", "c", "new"],
+        "a listing kept by the kernel"
+    );
+    let after = std::fs::metadata(u.p("a/b")).unwrap();
+    assert!(
+        after.mtime_nsec() != before.mtime_nsec() || after.mtime() != before.mtime(),
+        "the directory's mtime moves with a new entry"
+    );
+    std::fs::set_permissions(
+        u.p("a/b"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::metadata(u.p("a/b")).unwrap().mode() & 0o7777,
+        0o700
+    );
+    std::fs::remove_file(u.p("a/b/c/3")).unwrap();
+    assert_eq!(names(&u.p("a/b/c")), ["4"]);
+
+    // A lower tree renamed: lookups below the new name work, below the old one fail.
+    assert_eq!(std::fs::read(u.p("x/y/z")).unwrap(), b"z");
+    std::fs::rename(u.p("x"), u.p("w")).unwrap();
+    assert_eq!(std::fs::read(u.p("w/y/z")).unwrap(), b"z");
+    assert_eq!(errno_of(std::fs::metadata(u.p("x/y/z"))), libc::ENOENT);
+    std::fs::create_dir(u.p("x")).unwrap();
+    assert!(
+        names(&u.p("x")).is_empty(),
+        "a new dir over a renamed one is empty"
+    );
+
+    // rm -rf of the lower tree, then the same name again.
+    std::fs::remove_dir_all(u.p("a")).unwrap();
+    assert_eq!(errno_of(std::fs::metadata(u.p("a/b/2"))), libc::ENOENT);
+    std::fs::create_dir_all(u.p("a/b")).unwrap();
+    assert!(
+        names(&u.p("a/b")).is_empty(),
+        "nothing of the deleted tree shows"
+    );
+    std::fs::remove_dir_all(u.p("a")).unwrap();
+    std::fs::remove_dir(u.p("x")).unwrap();
+    std::fs::remove_file(u.p("a2/f")).unwrap();
+    // (w is an opaque copy now: deleting below it needs no whiteout.)
+    std::fs::remove_file(u.p("w/y/z")).unwrap();
+    assert!(std::fs::symlink_metadata(u.upper.join("w/y/z")).is_err());
+    let whiteouts: Vec<std::fs::Metadata> = ["a", "x", "a2/f"]
+        .iter()
+        .map(|n| std::fs::symlink_metadata(u.upper.join(n)).unwrap())
+        .collect();
+    for m in &whiteouts {
+        use std::os::unix::fs::FileTypeExt;
+        assert!(
+            m.file_type().is_char_device() && m.rdev() == 0,
+            "a whiteout"
+        );
+        assert_eq!(
+            m.ino(),
+            whiteouts[0].ino(),
+            "whiteouts are links of one inode"
+        );
+    }
+
+    // Kernel overlay over the same lower and upper shows what FUSE showed.
+    let merged = walk(&u.at);
+    strata_fuse::fs::ended(u.session.take().unwrap().umount_and_join()).unwrap();
+    let work = u.upper.with_file_name("work");
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        u.lower.display(),
+        u.upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &u.at,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .expect("kernel overlay mounts the FUSE upper");
+    let kernel = walk(&u.at);
+    nix::mount::umount(&u.at).unwrap();
+    assert_eq!(kernel, merged);
+    assert!(merged.iter().any(|(p, _, _)| p == Path::new("w/y")));
+    assert!(
+        !merged.iter().any(|(p, _, _)| p.starts_with("a")
+            || p.starts_with("a2/f")
+            || p == Path::new("w/y/z"))
+    );
+}
