@@ -82,6 +82,10 @@ pub struct Union {
     nodes: Nodes,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// The kernel caches writes (FUSE's writeback cache, asked for at init when writable):
+    /// it may read through a handle opened write-only and writes at offsets it computes, so
+    /// files open read-write and never append here.
+    writeback: bool,
 }
 
 use crate::ops::errno;
@@ -158,6 +162,7 @@ impl Union {
             nodes: Nodes::new(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            writeback: false,
         }
     }
 
@@ -447,8 +452,15 @@ impl fuser::Filesystem for Union {
     /// more requests in flight, and the largest reads ahead it allows.
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         use fuser::InitFlags as F;
-        let want = F::FUSE_DO_READDIRPLUS | F::FUSE_READDIRPLUS_AUTO | F::FUSE_PARALLEL_DIROPS;
-        let _ = config.add_capabilities(want & config.capabilities());
+        let mut want = F::FUSE_DO_READDIRPLUS | F::FUSE_READDIRPLUS_AUTO | F::FUSE_PARALLEL_DIROPS;
+        // Writes land in the kernel's page cache and reach us in large batches: every change
+        // to a file goes through this mount, so the cache is never stale.
+        if self.upper.is_some() {
+            want |= F::FUSE_WRITEBACK_CACHE;
+        }
+        let want = want & config.capabilities();
+        self.writeback = want.contains(F::FUSE_WRITEBACK_CACHE);
+        let _ = config.add_capabilities(want);
         let _ = config.set_max_background(64);
         let _ = config
             .set_max_readahead(u32::MAX)
@@ -525,13 +537,20 @@ impl fuser::Filesystem for Union {
             } else {
                 self.real(&path, &r)
             };
+            let readable = flags.acc_mode() != OpenAccMode::O_WRONLY;
             let mut o = std::fs::OpenOptions::new();
-            o.read(flags.acc_mode() != OpenAccMode::O_WRONLY)
+            o.read(readable || (write && self.writeback))
                 .write(write)
-                .append(flags.0 & libc::O_APPEND != 0)
+                .append(flags.0 & libc::O_APPEND != 0 && !self.writeback)
                 .truncate(trunc && write);
             o.custom_flags(libc::O_NOFOLLOW);
-            o.open(real).map_err(errno)
+            match o.open(&real) {
+                // A write-only file: the kernel then writes whole pages only where it has them.
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) && !readable => {
+                    o.read(false).open(real).map_err(errno)
+                }
+                r => r.map_err(errno),
+            }
         })();
         match r {
             // The kernel may keep this inode's cached pages across opens: every change to a
@@ -933,10 +952,10 @@ impl fuser::Filesystem for Union {
             w.touch(&rel);
             let real = up.root.join(&rel);
             let mut o = std::fs::OpenOptions::new();
-            o.read(flags & libc::O_ACCMODE != libc::O_WRONLY)
+            o.read(flags & libc::O_ACCMODE != libc::O_WRONLY || self.writeback)
                 .write(true)
                 .create_new(true)
-                .append(flags & libc::O_APPEND != 0)
+                .append(flags & libc::O_APPEND != 0 && !self.writeback)
                 .mode(mode & !umask & 0o7777);
             let f = o.open(&real).map_err(errno)?;
             self.own(req, &real);

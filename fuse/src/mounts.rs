@@ -17,7 +17,16 @@ pub fn is_dead(path: &Path) -> bool {
 
 /// Unmounts the FUSE mount at `path`; `lazy` detaches it even while it is busy. The server
 /// sees the connection end and exits.
+///
+/// A plain unmount first pushes the writes the kernel still caches for the mount (its
+/// writeback cache) to the server, so the upper dir holds them even if the mount turns out
+/// busy and is detached next.
 pub fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
+    if !lazy && !is_dead(path) {
+        if let Ok(d) = std::fs::File::open(path) {
+            let _ = nix::unistd::syncfs(&d);
+        }
+    }
     match strata_overlay::mount::unmount(path, lazy) {
         Ok(()) => Ok(()),
         Err(strata_overlay::Error::Mount { err, .. })

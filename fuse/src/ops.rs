@@ -117,6 +117,10 @@ impl Upper {
     /// Makes every directory of `rel` (a path in the merged view) exist in the upper,
     /// copying each one's metadata from the layer that shows it.
     pub fn ensure_dir(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
+        // Most often it is there already, and so are all its parents: one lstat.
+        if std::fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| m.is_dir()) {
+            return Ok(());
+        }
         let mut at = PathBuf::new();
         for comp in rel.components() {
             at.push(comp);

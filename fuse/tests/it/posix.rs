@@ -481,3 +481,34 @@ fn changes_show_at_once_through_the_caches() {
             || p == Path::new("w/y/z"))
     );
 }
+
+/// The kernel caches writes (writeback) where it can: a write-only open still gets partial
+/// pages right (the kernel reads the rest through our handle), O_APPEND appends at the end
+/// the kernel knows, and the upper has the data once the file is closed.
+#[test]
+fn cached_writes_keep_file_semantics() {
+    let u = Union::new(|l| std::fs::write(l.join("f"), b"0123456789").unwrap());
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(u.p("f"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&w, b"ab", 3).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    assert_eq!(std::fs::read(u.p("f")).unwrap(), b"012ab56789");
+    assert_eq!(std::fs::read(u.upper.join("f")).unwrap(), b"012ab56789");
+    let open_append = || {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(u.p("f"))
+            .unwrap()
+    };
+    let (mut a, mut b) = (open_append(), open_append());
+    a.write_all(b"A").unwrap();
+    b.write_all(b"B").unwrap();
+    a.write_all(b"C").unwrap();
+    drop((a, b));
+    assert_eq!(std::fs::read(u.p("f")).unwrap(), b"012ab56789ABC");
+    assert_eq!(std::fs::read(u.upper.join("f")).unwrap(), b"012ab56789ABC");
+    assert_eq!(std::fs::metadata(u.p("f")).unwrap().len(), 13);
+}
