@@ -63,6 +63,22 @@ enum Handle {
     Dir(Arc<OpenDir>),
 }
 
+/// How the kernel does a file's I/O (see [`Union::io_mode`]).
+enum Io {
+    /// Through its page cache and this server.
+    Cached,
+    /// Straight on the backing file, which the kernel holds by this id.
+    Passthrough(Arc<fuser::BackingId>),
+}
+
+/// How a node's open files do their I/O: the kernel wants all opens of an inode alike, and
+/// passing through to one backing file.
+struct NodeIo {
+    /// The backing file's `(st_dev, st_ino)` and the kernel's id for it; `None`: cached.
+    pass: Option<((u64, u64), Arc<fuser::BackingId>)>,
+    opens: usize,
+}
+
 /// An open directory: its merged listing is read on the first `readdir` (none when the kernel
 /// answers from its own cache of the listing) and again when the reader starts over.
 struct OpenDir {
@@ -86,6 +102,12 @@ pub struct Union {
     /// it may read through a handle opened write-only and writes at offsets it computes, so
     /// files open read-write and never append here.
     writeback: bool,
+    /// The kernel passes file I/O straight to the backing files (FUSE passthrough, kernel 6.9+,
+    /// as root): reads and writes at the backing filesystem's speed. Cleared when the kernel
+    /// refuses a backing file; nodes already passing through go on doing so.
+    passthrough: std::sync::atomic::AtomicBool,
+    /// Nodes with open files: how they do their I/O.
+    node_io: Mutex<HashMap<u64, NodeIo>>,
 }
 
 use crate::ops::errno;
@@ -163,6 +185,8 @@ impl Union {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             writeback: false,
+            passthrough: std::sync::atomic::AtomicBool::new(false),
+            node_io: Mutex::new(HashMap::new()),
         }
     }
 
@@ -348,6 +372,77 @@ impl Union {
         self.stack.path(r.layer(), path)
     }
 
+    /// How the kernel is to do the I/O of `f`, just opened for node `ino`; `upper`: `f` is
+    /// the node's file in the upper. Files in the upper pass through (as root, where the
+    /// kernel can): writes, fsyncs and reads of written files run at the backing filesystem's
+    /// speed. Lower files stay cached: the kernel takes one backing file per inode for as long
+    /// as any of its opens passes through, and a copy-up must be able to give the inode its
+    /// upper file while a reader still has the lower one open. A node's opens all do the same
+    /// as its first (the kernel refuses a mix).
+    fn io_mode(
+        &self,
+        ino: u64,
+        f: &File,
+        upper: bool,
+        open_backing: impl FnOnce(&File) -> std::io::Result<fuser::BackingId>,
+    ) -> Result<Io, Errno> {
+        let st = nix::sys::stat::fstat(f).map_err(|e| Errno::from_i32(e as i32))?;
+        let file = (st.st_dev, st.st_ino);
+        let mut all = self.node_io.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(x) = all.get_mut(&ino) {
+            let io = match &x.pass {
+                None => Io::Cached,
+                Some((f, id)) if *f == file => Io::Passthrough(id.clone()),
+                // Another file for an inode passing through: it would need a second backing
+                // file, which the kernel refuses (a file replaced in the upper under an open).
+                Some(_) => return Err(Errno::EBUSY),
+            };
+            x.opens += 1;
+            return Ok(io);
+        }
+        let pass = if upper
+            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && self.passthrough.load(Ordering::SeqCst)
+        {
+            match open_backing(f) {
+                Ok(id) => Some((file, Arc::new(id))),
+                Err(e) => {
+                    // A backing filesystem the kernel does not pass through to (stacked too
+                    // deep, say): cached from now on; nodes passing through go on doing so.
+                    tracing::warn!(error = %e, "FUSE passthrough refused: cached I/O from now on");
+                    self.passthrough.store(false, Ordering::SeqCst);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let io = match &pass {
+            Some((_, id)) => Io::Passthrough(id.clone()),
+            None => Io::Cached,
+        };
+        all.insert(ino, NodeIo { pass, opens: 1 });
+        Ok(io)
+    }
+
+    /// An open file's handle is gone; with a node's last one goes its I/O mode (and backing).
+    fn close_file(&self, fh: u64) {
+        let h = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
+        if let Some(Handle::File(ino, _)) = h {
+            let mut all = self.node_io.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(x) = all.get_mut(&ino) {
+                x.opens -= 1;
+                if x.opens == 0 {
+                    all.remove(&ino);
+                }
+            }
+        }
+    }
+
     fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles
@@ -455,10 +550,19 @@ impl fuser::Filesystem for Union {
         let mut want = F::FUSE_DO_READDIRPLUS | F::FUSE_READDIRPLUS_AUTO | F::FUSE_PARALLEL_DIROPS;
         // Writes land in the kernel's page cache and reach us in large batches: every change
         // to a file goes through this mount, so the cache is never stale.
-        if self.upper.is_some() {
+        // As root, passthrough does better still: the kernel does file I/O on the backing
+        // files itself. It excludes the writeback cache.
+        let pass = nix::unistd::geteuid().is_root()
+            && config.capabilities().contains(F::FUSE_PASSTHROUGH)
+            && config.set_max_stack_depth(1).is_ok();
+        if pass {
+            want |= F::FUSE_PASSTHROUGH;
+        } else if self.upper.is_some() {
             want |= F::FUSE_WRITEBACK_CACHE;
         }
         let want = want & config.capabilities();
+        self.passthrough
+            .store(want.contains(F::FUSE_PASSTHROUGH), Ordering::SeqCst);
         self.writeback = want.contains(F::FUSE_WRITEBACK_CACHE);
         let _ = config.add_capabilities(want);
         let _ = config.set_max_background(64);
@@ -544,23 +648,32 @@ impl fuser::Filesystem for Union {
                 .append(flags.0 & libc::O_APPEND != 0 && !self.writeback)
                 .truncate(trunc && write);
             o.custom_flags(libc::O_NOFOLLOW);
-            match o.open(&real) {
+            let f = match o.open(&real) {
                 // A write-only file: the kernel then writes whole pages only where it has them.
                 Err(e) if e.raw_os_error() == Some(libc::EACCES) && !readable => {
                     o.read(false).open(real).map_err(errno)
                 }
                 r => r.map_err(errno),
-            }
+            }?;
+            Ok((f, write || trunc || r.layer() == 0))
         })();
-        match r {
+        let (f, upper) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let io = match self.io_mode(ino.0, &f, upper, |f| reply.open_backing(f)) {
+            Ok(io) => io,
+            Err(e) => return reply.error(e),
+        };
+        let fh = self.add_handle(Handle::File(ino.0, Arc::new(f)));
+        match io {
+            Io::Passthrough(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+            }
             // The kernel may keep this inode's cached pages across opens: every change to a
             // file goes through this mount (lowers are immutable, the upper is ours), so the
             // cache cannot go stale; a copy-up copies the same bytes.
-            Ok(f) => reply.opened(
-                FileHandle(self.add_handle(Handle::File(ino.0, Arc::new(f)))),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(e),
+            Io::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 
@@ -601,10 +714,7 @@ impl fuser::Filesystem for Union {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
+        self.close_file(fh.0);
         reply.ok();
     }
 
@@ -960,17 +1070,23 @@ impl fuser::Filesystem for Union {
             let f = o.open(&real).map_err(errno)?;
             self.own(req, &real);
             let a = self.entry_of(&rel)?;
-            Ok((a, self.add_handle(Handle::File(a.ino.0, Arc::new(f)))))
+            Ok((a, f))
         })();
-        match r {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &a,
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(e),
+        let (a, f) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let io = match self.io_mode(a.ino.0, &f, true, |f| reply.open_backing(f)) {
+            Ok(io) => io,
+            Err(e) => return reply.error(e),
+        };
+        let fh = FileHandle(self.add_handle(Handle::File(a.ino.0, Arc::new(f))));
+        match io {
+            Io::Passthrough(id) => {
+                let flags = FopenFlags::empty();
+                reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &id);
+            }
+            Io::Cached => reply.created(&TTL, &a, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 

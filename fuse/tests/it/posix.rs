@@ -512,3 +512,26 @@ fn cached_writes_keep_file_semantics() {
     assert_eq!(std::fs::read(u.upper.join("f")).unwrap(), b"012ab56789ABC");
     assert_eq!(std::fs::metadata(u.p("f")).unwrap().len(), 13);
 }
+
+/// As root the kernel passes file I/O straight to the backing files, one backing file per
+/// inode: a file kept open on the lower while a writer copies it up still works, for the
+/// writer and for every open after it (they see the upper copy).
+#[test]
+fn opens_across_a_copy_up_all_work() {
+    let u = Union::new(|l| std::fs::write(l.join("f"), b"lower data").unwrap());
+    let reader = std::fs::File::open(u.p("f")).unwrap();
+    let mut head = [0u8; 5];
+    std::os::unix::fs::FileExt::read_exact_at(&reader, &mut head, 0).unwrap();
+    assert_eq!(&head, b"lower");
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(u.p("f"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&w, b"UPPER", 0).unwrap();
+    assert_eq!(std::fs::read(u.p("f")).unwrap(), b"UPPER data");
+    drop(w);
+    drop(reader);
+    assert_eq!(std::fs::read(u.p("f")).unwrap(), b"UPPER data");
+    assert_eq!(std::fs::read(u.upper.join("f")).unwrap(), b"UPPER data");
+    assert_eq!(std::fs::read(u.lower.join("f")).unwrap(), b"lower data");
+}
