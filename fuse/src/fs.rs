@@ -332,10 +332,13 @@ impl Union {
         }
     }
 
-    /// The entry reply for `rel` after a change.
+    /// The entry reply for `rel`, just made in the upper by a change.
     fn entry_of(&self, rel: &Path) -> Result<FileAttr, Errno> {
-        let r = self.fresh(rel).ok_or(Errno::ENOENT)?;
-        Ok(attr(self.nodes.number_of(rel, linked(r.stat())), r.stat()))
+        let up = self.upper.as_ref().ok_or(Errno::EROFS)?;
+        // Just made in the upper, the top layer: what the merged view shows is that entry.
+        let st =
+            nix::sys::stat::lstat(&up.root.join(rel)).map_err(|e| Errno::from_i32(e as i32))?;
+        Ok(attr(self.nodes.number_of(rel, linked(&st)), &st))
     }
 
     /// The merged view's entry for node `ino`: its path and what it is now.

@@ -11,8 +11,16 @@
 //! upper inode to the node, so names looked up later still find it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+
+/// A path's key in the table: its bytes (paths here are relative, without `.`, `..`, doubled
+/// or trailing slashes).
+fn key(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
 
 /// The root's node number (FUSE's `FUSE_ROOT_ID`).
 pub const ROOT: u64 = 1;
@@ -20,8 +28,9 @@ pub const ROOT: u64 = 1;
 #[derive(Default)]
 struct Table {
     paths: Vec<PathBuf>,
-    /// Ordered, so a path's subtree is one range (paths order component by component).
-    by_path: BTreeMap<PathBuf, u64>,
+    /// Keyed by the path's bytes, ordered: the paths below `p` are the keys from `p/` up to
+    /// `p0` (`'0'` follows `'/'`), one range scan.
+    by_path: BTreeMap<Vec<u8>, u64>,
     /// Linked files' `(st_dev, st_ino)` -> node.
     by_file: HashMap<(u64, u64), u64>,
     /// Node -> the `by_file` keys pointing at it.
@@ -34,10 +43,23 @@ impl Table {
     /// Every known path at or below `path`, with its node (one range scan of the ordered map:
     /// a path's descendants sort right after it).
     fn subtree(&self, path: &Path) -> Vec<(PathBuf, u64)> {
+        let own = |k: &[u8], n: u64| (PathBuf::from(OsStr::from_bytes(k)), n);
+        let p = key(path);
+        if p.is_empty() {
+            return self.by_path.iter().map(|(k, n)| own(k, *n)).collect();
+        }
+        let (mut lo, mut hi) = (p.to_vec(), p.to_vec());
+        lo.push(b'/');
+        hi.push(b'/' + 1);
+        let below = self.by_path.range::<[u8], _>((
+            std::ops::Bound::Included(&lo[..]),
+            std::ops::Bound::Excluded(&hi[..]),
+        ));
         self.by_path
-            .range::<Path, _>((std::ops::Bound::Included(path), std::ops::Bound::Unbounded))
-            .take_while(|(p, _)| p.starts_with(path))
-            .map(|(p, n)| (p.clone(), *n))
+            .get_key_value(p)
+            .into_iter()
+            .chain(below)
+            .map(|(k, n)| own(k, *n))
             .collect()
     }
 
@@ -78,7 +100,7 @@ impl Nodes {
         // Index 0 is unused so that node numbers are indexes.
         t.paths.push(PathBuf::new());
         t.paths.push(PathBuf::new());
-        t.by_path.insert(PathBuf::new(), ROOT);
+        t.by_path.insert(Vec::new(), ROOT);
         Nodes {
             table: RwLock::new(t),
         }
@@ -105,22 +127,22 @@ impl Nodes {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .by_path
-            .get(path)
+            .get(key(path))
         {
             return n;
         }
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(&n) = t.by_path.get(path) {
+        if let Some(&n) = t.by_path.get(key(path)) {
             return n;
         }
         if let Some(&n) = linked.and_then(|k| t.by_file.get(&k)) {
-            t.by_path.insert(path.to_path_buf(), n);
+            t.by_path.insert(key(path).to_vec(), n);
             t.aliases.entry(n).or_default().push(path.to_path_buf());
             return n;
         }
         let n = t.paths.len() as u64;
         t.paths.push(path.to_path_buf());
-        t.by_path.insert(path.to_path_buf(), n);
+        t.by_path.insert(key(path).to_vec(), n);
         if let Some(k) = linked {
             t.by_file.insert(k, n);
             t.files.entry(n).or_default().push(k);
@@ -131,7 +153,7 @@ impl Nodes {
     /// `path` is a new name of node `n` (a hard link made through the mount).
     pub fn add_name(&self, path: &Path, n: u64) {
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = t.by_path.insert(path.to_path_buf(), n) {
+        if let Some(old) = t.by_path.insert(key(path).to_vec(), n) {
             if old != n {
                 t.unname(path, old);
             }
@@ -151,7 +173,7 @@ impl Nodes {
     pub fn forget_path(&self, path: &Path) {
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
         for (p, _) in t.subtree(path) {
-            if let Some(n) = t.by_path.remove(&p) {
+            if let Some(n) = t.by_path.remove(key(&p)) {
                 t.unname(&p, n);
             }
         }
@@ -170,8 +192,8 @@ impl Nodes {
             } else {
                 to.join(rest)
             };
-            t.by_path.remove(&p);
-            t.by_path.insert(new.clone(), n);
+            t.by_path.remove(key(&p));
+            t.by_path.insert(key(&new).to_vec(), n);
             if t.paths[n as usize] == p {
                 t.paths[n as usize] = new;
             } else if let Some(a) = t
@@ -230,7 +252,7 @@ mod tests {
     #[test]
     fn a_subtree_is_exactly_the_paths_below() {
         let n = Nodes::new();
-        let names = ["a", "a/b", "a/b/c", "a-b", "a.b", "ab", "a/z", "0", "b"];
+        let names = ["a", "a/b", "a/b/c", "a-b", "a.b", "ab", "a/z", "a0", "b"];
         let nums: Vec<u64> = names.iter().map(|p| n.number(Path::new(p))).collect();
         n.rename(Path::new("a"), Path::new("m"));
         for (p, want) in [("m", nums[0]), ("m/b/c", nums[2]), ("m/z", nums[6])] {
