@@ -334,11 +334,20 @@ impl Union {
 
     /// The entry reply for `rel`, just made in the upper by a change.
     fn entry_of(&self, rel: &Path) -> Result<FileAttr, Errno> {
+        let st = self.upper_entry(rel)?;
+        Ok(attr(self.nodes.number_of(rel, linked(&st)), &st))
+    }
+
+    /// The `lstat` of `rel`, just made in the upper: the top layer, so what the merged view
+    /// shows, unless it is a char 0:0, which is a whiteout there (as on kernel overlay).
+    fn upper_entry(&self, rel: &Path) -> Result<FileStat, Errno> {
         let up = self.upper.as_ref().ok_or(Errno::EROFS)?;
-        // Just made in the upper, the top layer: what the merged view shows is that entry.
         let st =
             nix::sys::stat::lstat(&up.root.join(rel)).map_err(|e| Errno::from_i32(e as i32))?;
-        Ok(attr(self.nodes.number_of(rel, linked(&st)), &st))
+        if crate::layer::is_whiteout(&st) {
+            return Err(Errno::ENOENT);
+        }
+        Ok(st)
     }
 
     /// The merged view's entry for node `ino`: its path and what it is now.

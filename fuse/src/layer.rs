@@ -138,7 +138,8 @@ fn lstat(path: &Path) -> Option<FileStat> {
     fstatat(nix::fcntl::AT_FDCWD, path, AtFlags::AT_SYMLINK_NOFOLLOW).ok()
 }
 
-fn is_whiteout(st: &FileStat) -> bool {
+/// A char 0:0: a whiteout in the kernel's form.
+pub(crate) fn is_whiteout(st: &FileStat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
 }
 

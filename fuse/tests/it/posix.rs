@@ -535,3 +535,25 @@ fn opens_across_a_copy_up_all_work() {
     assert_eq!(std::fs::read(u.upper.join("f")).unwrap(), b"UPPER data");
     assert_eq!(std::fs::read(u.lower.join("f")).unwrap(), b"lower data");
 }
+
+/// A char 0:0 made through the mount is a whiteout in the upper, so the name is not there,
+/// at once (the reply to mknod must not hand the kernel an entry to cache), as on kernel
+/// overlay.
+#[test]
+fn a_char_0_0_made_through_the_mount_is_a_whiteout() {
+    let u = Union::new(|l| std::fs::write(l.join("f"), b"x").unwrap());
+    let mk = |name: &str| {
+        nix::sys::stat::mknod(
+            &u.p(name),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+            0,
+        )
+    };
+    let _ = mk("dev");
+    assert_eq!(
+        errno_of(std::fs::symlink_metadata(u.p("dev"))),
+        libc::ENOENT
+    );
+    assert!(!names(&u.at).contains(&"dev".to_string()));
+}
