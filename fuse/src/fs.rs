@@ -6,7 +6,7 @@
 //! I/O: the inode table's lock covers map updates only, and open files live in a handle table
 //! whose lock is held just long enough to clone an `Arc<File>`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -92,7 +92,7 @@ pub struct Union {
     /// Resolved directories of the merged view. A change drops the entries of the paths it
     /// touches (see [`Writing`]); `generation` counts changes, so a resolution that raced
     /// with one is not cached.
-    dirs: std::sync::RwLock<BTreeMap<PathBuf, Resolved>>,
+    dirs: std::sync::RwLock<crate::pathmap::PathMap<Resolved>>,
     generation: AtomicU64,
     upper: Option<crate::ops::Upper>,
     nodes: Nodes,
@@ -225,17 +225,7 @@ impl Union {
             return;
         }
         for t in touched {
-            let below: Vec<PathBuf> = c
-                .range::<Path, _>((
-                    std::ops::Bound::Included(t.as_path()),
-                    std::ops::Bound::Unbounded,
-                ))
-                .take_while(|(p, _)| p.starts_with(t))
-                .map(|(p, _)| p.clone())
-                .collect();
-            for p in below {
-                c.remove(&p);
-            }
+            c.remove_subtree(t);
             for a in t.ancestors().skip(1) {
                 if c.get(a).is_some_and(|r| r.layer() != 0) {
                     c.remove(a);
@@ -270,7 +260,7 @@ impl Union {
                 if c.len() >= DIR_CACHE {
                     c.clear();
                 }
-                c.insert(path.to_path_buf(), r.clone());
+                c.insert(path, r.clone());
             }
         }
         Ok(r)
@@ -288,7 +278,7 @@ impl Union {
                 .get(parent)
                 .cloned();
             if let Some(Resolved::Dir { layers, .. }) = cached {
-                if layers[0] == 0 && self.stack.upper().is_some() {
+                if layers[0] == 0 {
                     return self.stack.lookup(&layers, parent, name);
                 }
             }
@@ -398,13 +388,18 @@ impl Union {
         upper: bool,
         open_backing: impl FnOnce(&File) -> std::io::Result<fuser::BackingId>,
     ) -> Result<Io, Errno> {
-        let st = nix::sys::stat::fstat(f).map_err(|e| Errno::from_i32(e as i32))?;
-        let file = (st.st_dev, st.st_ino);
+        // The backing file's identity, asked only where it matters (the kernel opens regular
+        // files only).
+        let identity = || {
+            nix::sys::stat::fstat(f)
+                .map(|st| (st.st_dev, st.st_ino))
+                .map_err(|e| Errno::from_i32(e as i32))
+        };
         let mut all = self.node_io.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(x) = all.get_mut(&ino) {
             let io = match &x.pass {
                 None => Io::Cached,
-                Some((f, id)) if *f == file => Io::Passthrough(id.clone()),
+                Some((file, id)) if *file == identity()? => Io::Passthrough(id.clone()),
                 // Another file for an inode passing through: it would need a second backing
                 // file, which the kernel refuses (a file replaced in the upper under an open).
                 Some(_) => return Err(Errno::EBUSY),
@@ -412,10 +407,8 @@ impl Union {
             x.opens += 1;
             return Ok(io);
         }
-        let pass = if upper
-            && st.st_mode & libc::S_IFMT == libc::S_IFREG
-            && self.passthrough.load(Ordering::SeqCst)
-        {
+        let pass = if upper && self.passthrough.load(Ordering::SeqCst) {
+            let file = identity()?;
             match open_backing(f) {
                 Ok(id) => Some((file, Arc::new(id))),
                 Err(e) => {
@@ -1045,12 +1038,10 @@ impl fuser::Filesystem for Union {
             w.touch(&rel);
             std::fs::hard_link(up.root.join(&path), up.root.join(&rel)).map_err(errno)?;
             self.nodes.add_name(&rel, ino.0);
-            if let Ok(m) = nix::sys::stat::lstat(&up.root.join(&rel)) {
-                self.nodes.same_file((m.st_dev, m.st_ino), ino.0);
-            }
-            let r = self.fresh(&rel).ok_or(Errno::ENOENT)?;
+            let m = self.upper_entry(&rel)?;
+            self.nodes.same_file((m.st_dev, m.st_ino), ino.0);
             // Both names are one inode: reply with the linked node's number.
-            Ok(attr(ino.0, r.stat()))
+            Ok(attr(ino.0, &m))
         })();
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),

@@ -160,7 +160,8 @@ pub fn is_opaque(dir: &Path) -> bool {
     lstat(&dir.join(OsStr::from_bytes(OPAQUE_MARKER))).is_some()
 }
 
-fn whiteout_name(name: &OsStr) -> OsString {
+/// `.wh.NAME`: the OCI form of a whiteout for `name`.
+pub(crate) fn whiteout_name(name: &OsStr) -> OsString {
     let mut w = OsString::from(OsStr::from_bytes(WHITEOUT_PREFIX));
     w.push(name);
     w

@@ -8,6 +8,7 @@
 //! - [`layer`]: the model of a stack of layer directories: lookup and merged listings with
 //!   overlayfs' rules, whiteouts and opaque directories in both the kernel and the OCI form.
 //! - [`node`]: the inode table (stable numbers per path for the mount's lifetime).
+//! - `pathmap`: maps keyed by merged-view paths, a subtree being one range.
 //! - [`ops`]: the upper's changes: copy-up through the work dir, whiteouts, opaque dirs.
 //! - [`fs`]: the `fuser::Filesystem` glue (read-only without an upper): resolved directories
 //!   cached until a change touches them, listings the kernel may cache, and file I/O done by
@@ -22,6 +23,7 @@ pub mod layer;
 pub mod mounts;
 pub mod node;
 pub mod ops;
+mod pathmap;
 mod sys;
 
 pub use fs::Union;

@@ -10,17 +10,11 @@
 //! unlinked. After a copy-up moves a linked file to the upper, [`Nodes::same_file`] ties the
 //! upper inode to the node, so names looked up later still find it.
 
-use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-/// A path's key in the table: its bytes (paths here are relative, without `.`, `..`, doubled
-/// or trailing slashes).
-fn key(p: &Path) -> &[u8] {
-    p.as_os_str().as_bytes()
-}
+use crate::pathmap::PathMap;
 
 /// The root's node number (FUSE's `FUSE_ROOT_ID`).
 pub const ROOT: u64 = 1;
@@ -28,9 +22,8 @@ pub const ROOT: u64 = 1;
 #[derive(Default)]
 struct Table {
     paths: Vec<PathBuf>,
-    /// Keyed by the path's bytes, ordered: the paths below `p` are the keys from `p/` up to
-    /// `p0` (`'0'` follows `'/'`), one range scan.
-    by_path: BTreeMap<Vec<u8>, u64>,
+    /// Ordered so that a path's subtree is one range.
+    by_path: PathMap<u64>,
     /// Linked files' `(st_dev, st_ino)` -> node.
     by_file: HashMap<(u64, u64), u64>,
     /// Node -> the `by_file` keys pointing at it.
@@ -40,29 +33,6 @@ struct Table {
 }
 
 impl Table {
-    /// Every known path at or below `path`, with its node (one range scan of the ordered map:
-    /// a path's descendants sort right after it).
-    fn subtree(&self, path: &Path) -> Vec<(PathBuf, u64)> {
-        let own = |k: &[u8], n: u64| (PathBuf::from(OsStr::from_bytes(k)), n);
-        let p = key(path);
-        if p.is_empty() {
-            return self.by_path.iter().map(|(k, n)| own(k, *n)).collect();
-        }
-        let (mut lo, mut hi) = (p.to_vec(), p.to_vec());
-        lo.push(b'/');
-        hi.push(b'/' + 1);
-        let below = self.by_path.range::<[u8], _>((
-            std::ops::Bound::Included(&lo[..]),
-            std::ops::Bound::Excluded(&hi[..]),
-        ));
-        self.by_path
-            .get_key_value(p)
-            .into_iter()
-            .chain(below)
-            .map(|(k, n)| own(k, *n))
-            .collect()
-    }
-
     /// `p`, a name of node `n`, is gone: another name takes over, or the node is nameless (its
     /// file identities are dropped, so a reused inode number cannot find it).
     fn unname(&mut self, p: &Path, n: u64) {
@@ -100,7 +70,7 @@ impl Nodes {
         // Index 0 is unused so that node numbers are indexes.
         t.paths.push(PathBuf::new());
         t.paths.push(PathBuf::new());
-        t.by_path.insert(Vec::new(), ROOT);
+        t.by_path.insert(Path::new(""), ROOT);
         Nodes {
             table: RwLock::new(t),
         }
@@ -127,22 +97,22 @@ impl Nodes {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .by_path
-            .get(key(path))
+            .get(path)
         {
             return n;
         }
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(&n) = t.by_path.get(key(path)) {
+        if let Some(&n) = t.by_path.get(path) {
             return n;
         }
         if let Some(&n) = linked.and_then(|k| t.by_file.get(&k)) {
-            t.by_path.insert(key(path).to_vec(), n);
+            t.by_path.insert(path, n);
             t.aliases.entry(n).or_default().push(path.to_path_buf());
             return n;
         }
         let n = t.paths.len() as u64;
         t.paths.push(path.to_path_buf());
-        t.by_path.insert(key(path).to_vec(), n);
+        t.by_path.insert(path, n);
         if let Some(k) = linked {
             t.by_file.insert(k, n);
             t.files.entry(n).or_default().push(k);
@@ -153,7 +123,7 @@ impl Nodes {
     /// `path` is a new name of node `n` (a hard link made through the mount).
     pub fn add_name(&self, path: &Path, n: u64) {
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = t.by_path.insert(key(path).to_vec(), n) {
+        if let Some(old) = t.by_path.insert(path, n) {
             if old != n {
                 t.unname(path, old);
             }
@@ -172,8 +142,8 @@ impl Nodes {
     /// open file of the old one is not mistaken for it.
     pub fn forget_path(&self, path: &Path) {
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        for (p, _) in t.subtree(path) {
-            if let Some(n) = t.by_path.remove(key(&p)) {
+        for (p, _) in t.by_path.subtree(path) {
+            if let Some(n) = t.by_path.remove(&p) {
                 t.unname(&p, n);
             }
         }
@@ -184,7 +154,7 @@ impl Nodes {
     pub fn rename(&self, from: &Path, to: &Path) {
         self.forget_path(to);
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        for (p, n) in t.subtree(from) {
+        for (p, n) in t.by_path.subtree(from) {
             let rest = p.strip_prefix(from).expect("filtered by prefix");
             // `join("")` would add a trailing slash, which no longer names a file.
             let new = if rest.as_os_str().is_empty() {
@@ -192,8 +162,8 @@ impl Nodes {
             } else {
                 to.join(rest)
             };
-            t.by_path.remove(key(&p));
-            t.by_path.insert(key(&new).to_vec(), n);
+            t.by_path.remove(&p);
+            t.by_path.insert(&new, n);
             if t.paths[n as usize] == p {
                 t.paths[n as usize] = new;
             } else if let Some(a) = t
@@ -250,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn a_subtree_is_exactly_the_paths_below() {
+    fn renames_and_forgets_take_exactly_the_subtree() {
         let n = Nodes::new();
         let names = ["a", "a/b", "a/b/c", "a-b", "a.b", "ab", "a/z", "a0", "b"];
         let nums: Vec<u64> = names.iter().map(|p| n.number(Path::new(p))).collect();

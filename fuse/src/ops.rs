@@ -20,9 +20,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fuser::Errno;
 use nix::sys::stat::{Mode, SFlag};
-use strata_overlay::whiteout::{OPAQUE_VALUE, WHITEOUT_PREFIX, XattrNs, is_overlay_xattr};
+use strata_overlay::whiteout::{OPAQUE_VALUE, XattrNs, is_overlay_xattr};
 
-use crate::layer::{Resolved, Stack};
+use crate::layer::{Resolved, Stack, whiteout_name};
+
+/// A char 0:0: a whiteout in the kernel's form.
+fn is_whiteout(m: &std::fs::Metadata) -> bool {
+    m.file_type().is_char_device() && m.rdev() == 0
+}
 
 pub(crate) fn errno(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
@@ -151,9 +156,7 @@ impl Upper {
     pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<Option<(u64, u64)>, Errno> {
         // Already in the upper (the top layer, so it is what the merged view shows): nothing to
         // do, and no walk through the layers to find that out.
-        if std::fs::symlink_metadata(self.root.join(rel))
-            .is_ok_and(|m| !(m.file_type().is_char_device() && m.rdev() == 0))
-        {
+        if std::fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| !is_whiteout(&m)) {
             return Ok(None);
         }
         let r = stack.resolve(rel).ok_or(Errno::ENOENT)?;
@@ -254,16 +257,12 @@ impl Upper {
     pub fn clear_whiteout(&self, rel: &Path) -> Result<bool, Errno> {
         let here = self.root.join(rel);
         let mut had = false;
-        if let Ok(m) = std::fs::symlink_metadata(&here) {
-            if m.file_type().is_char_device() && m.rdev() == 0 {
-                std::fs::remove_file(&here).map_err(errno)?;
-                had = true;
-            }
+        if std::fs::symlink_metadata(&here).is_ok_and(|m| is_whiteout(&m)) {
+            std::fs::remove_file(&here).map_err(errno)?;
+            had = true;
         }
         let name = rel.file_name().ok_or(Errno::EINVAL)?;
-        let mut wh = std::ffi::OsString::from(OsStr::from_bytes(WHITEOUT_PREFIX));
-        wh.push(name);
-        let oci = here.with_file_name(wh);
+        let oci = here.with_file_name(whiteout_name(name));
         if std::fs::symlink_metadata(&oci).is_ok() {
             std::fs::remove_file(&oci).map_err(errno)?;
             had = true;
@@ -293,9 +292,8 @@ impl Upper {
                 // Not allowed to make devices: the OCI form, which this filesystem reads too.
                 Err(nix::errno::Errno::EPERM) => {
                     let name = rel.file_name().ok_or(Errno::EINVAL)?;
-                    let mut wh = std::ffi::OsString::from(OsStr::from_bytes(WHITEOUT_PREFIX));
-                    wh.push(name);
-                    return std::fs::write(here.with_file_name(wh), b"").map_err(errno);
+                    return std::fs::write(here.with_file_name(whiteout_name(name)), b"")
+                        .map_err(errno);
                 }
                 Err(e) => return Err(nix_errno(e)),
             }
