@@ -1,7 +1,9 @@
 //! Snapshot operation latency over gRPC: `strata snapshotter serve` against containerd's own
 //! overlayfs snapshotter served by containerd's `contrib/snapshotservice` (the conformance
 //! harness's `refserver`), through the same tonic client, interleaved op by op, on the same
-//! disk. Prints p50 and p99 per operation and the ratio Strata / containerd.
+//! disk. Prints p50 and p99 per operation and the ratio Strata / containerd. Every other round
+//! writes a 4 KiB file into the active snapshot's upper dir before Commit (the
+//! `commit (written)` row), so Commit is timed with data to make durable as well as untouched.
 //!
 //! `cargo build --release -p strata-runtime && bash ../shared/conformance/setup.sh` first (or
 //! set `STRATA_BIN` and `REFSERVER`), then `cargo bench -p strata-benches --bench snapshots`.
@@ -50,16 +52,26 @@ async fn client(socket: PathBuf) -> Client {
     strata_snapshotter::connect(&socket).await.unwrap()
 }
 
-const OPS: [&str; 6] = [
+const OPS: [&str; 7] = [
     "prepare",
     "mounts",
     "stat",
     "commit",
+    "commit (written)",
     "remove",
     "stat (missing key)",
 ];
 
-async fn round(c: &mut Client, i: usize, out: &mut [Vec<Duration>; 6]) {
+/// The `upperdir=` of an overlay mount.
+fn upperdir(m: &strata_snapshotter::api::containerd::types::Mount) -> PathBuf {
+    m.options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(PathBuf::from)
+        .expect("an active snapshot on a parent is an overlay with an upper dir")
+}
+
+async fn round(c: &mut Client, i: usize, out: &mut [Vec<Duration>; 7]) {
     let key = format!("active-{i}");
     let name = format!("committed-{i}");
     let t = Instant::now();
@@ -72,13 +84,20 @@ async fn round(c: &mut Client, i: usize, out: &mut [Vec<Duration>; 6]) {
     .unwrap();
     out[0].push(t.elapsed());
     let t = Instant::now();
-    c.mounts(pb::MountsRequest {
-        key: key.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let m = c
+        .mounts(pb::MountsRequest {
+            key: key.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     out[1].push(t.elapsed());
+    // Not `i % 2`: rounds alternate which server goes first on that, and each row needs both.
+    let written = (i / 2) % 2 == 1;
+    if written {
+        std::fs::write(upperdir(&m.mounts[0]).join("f"), vec![7u8; 4096]).unwrap();
+    }
     let t = Instant::now();
     c.stat(pb::StatSnapshotRequest {
         key: key.clone(),
@@ -95,7 +114,7 @@ async fn round(c: &mut Client, i: usize, out: &mut [Vec<Duration>; 6]) {
     })
     .await
     .unwrap();
-    out[3].push(t.elapsed());
+    out[if written { 4 } else { 3 }].push(t.elapsed());
     let t = Instant::now();
     c.remove(pb::RemoveSnapshotRequest {
         key: name,
@@ -103,7 +122,7 @@ async fn round(c: &mut Client, i: usize, out: &mut [Vec<Duration>; 6]) {
     })
     .await
     .unwrap();
-    out[4].push(t.elapsed());
+    out[5].push(t.elapsed());
     let t = Instant::now();
     let _ = c
         .stat(pb::StatSnapshotRequest {
@@ -111,7 +130,7 @@ async fn round(c: &mut Client, i: usize, out: &mut [Vec<Duration>; 6]) {
             ..Default::default()
         })
         .await;
-    out[5].push(t.elapsed());
+    out[6].push(t.elapsed());
 }
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
@@ -170,8 +189,8 @@ fn main() {
         .unwrap();
     let (mut a, mut b) =
         rt.block_on(async { (client(ss.clone()).await, client(cs.clone()).await) });
-    let mut sa: [Vec<Duration>; 6] = Default::default();
-    let mut sb: [Vec<Duration>; 6] = Default::default();
+    let mut sa: [Vec<Duration>; 7] = Default::default();
+    let mut sb: [Vec<Duration>; 7] = Default::default();
     rt.block_on(async {
         for c in [&mut a, &mut b] {
             c.prepare(pb::PrepareSnapshotRequest {
@@ -189,7 +208,7 @@ fn main() {
             .unwrap();
         }
         // Warm-up, then interleaved rounds so both see the same machine noise.
-        let mut sink: [Vec<Duration>; 6] = Default::default();
+        let mut sink: [Vec<Duration>; 7] = Default::default();
         for i in 0..20 {
             round(&mut a, 1_000_000 + i, &mut sink).await;
             round(&mut b, 1_000_000 + i, &mut sink).await;

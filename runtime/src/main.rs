@@ -701,7 +701,9 @@ fn serve_snapshotter(
             program,
             arg0: None,
         }),
-        // Prepare finds its dirs made: a long-running server can make them between requests.
+        // The server owns its root: SQLite locks it once, and Prepare finds its dirs made
+        // (durable, under the ids they will get) in the gaps between requests.
+        exclusive: true,
         ready_dirs: 4,
         ..strata_snapshotter::Config::new(mode.parse()?)
     };

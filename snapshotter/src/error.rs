@@ -27,6 +27,12 @@ pub enum Error {
     /// A FUSE mount could not be made.
     #[error("{0}")]
     Fuse(String),
+    /// Another process holds the store (a server owns its root exclusively).
+    #[error("the snapshot store at {} is in use by another process (a strata snapshotter serving it?)", root.display())]
+    InUse {
+        /// The store's root.
+        root: PathBuf,
+    },
     /// The metadata store failed.
     #[error("metadata {op}: {err}")]
     Db {
@@ -73,9 +79,11 @@ impl From<Error> for tonic::Status {
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::Unsupported(_) => tonic::Status::unimplemented(msg),
-            Error::Db { .. } | Error::Io { .. } | Error::Overlay(_) | Error::Fuse(_) => {
-                tonic::Status::internal(msg)
-            }
+            Error::Db { .. }
+            | Error::Io { .. }
+            | Error::Overlay(_)
+            | Error::Fuse(_)
+            | Error::InUse { .. } => tonic::Status::internal(msg),
         }
     }
 }

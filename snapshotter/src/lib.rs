@@ -8,12 +8,14 @@
 //! # Layout
 //! - [`store`]: the snapshotter (synchronous): directory layout, mount rules, transactions.
 //! - [`meta`]: the SQLite metadata store.
+//! - `background`: deletions and ready dirs for Prepare, done in the gaps between requests.
 //! - [`fuse`]: FUSE mode's mounts, one FUSE server process per union snapshot.
 //! - [`filter`]: containerd's filter syntax for `List`.
 //! - [`service`]: the gRPC service and [`serve`] (tokio lives only here).
 //! - [`api`]: the generated protobuf types (containerd's .proto files, in `proto/`).
 #![deny(unsafe_code)]
 
+mod background;
 mod error;
 pub mod filter;
 pub mod fuse;

@@ -1,5 +1,7 @@
 //! Snapshot metadata in SQLite: WAL journal, `synchronous=FULL`, one transaction per operation,
-//! schema versioned with `PRAGMA user_version`.
+//! schema versioned with `PRAGMA user_version`. A server opens its store exclusively
+//! (`locking_mode=EXCLUSIVE`): it is the only user, so SQLite keeps its WAL index in memory and
+//! takes no file lock per statement, and a second process is refused at once.
 //!
 //! Keys and names share one namespace, as in containerd: a committed snapshot's key is its
 //! name. Snapshot ids come from `AUTOINCREMENT`, so an id is never reused and a directory left
@@ -85,13 +87,34 @@ pub struct Meta {
 }
 
 impl Meta {
-    /// Opens (creating or migrating) the store at `path`.
-    pub fn open(path: &Path) -> Result<Meta> {
+    /// Opens (creating or migrating) the store at `path`. `exclusive`: this process is the
+    /// store's only user until it closes it; another one holding it is [`Error::InUse`].
+    pub fn open(path: &Path, exclusive: bool) -> Result<Meta> {
         let conn = Connection::open(path).map_err(Error::db("open"))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(Error::db("set busy timeout"))?;
+        if exclusive {
+            // Before WAL is entered, so the WAL index lives in heap memory (no -shm file).
+            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+                .map_err(Error::db("set exclusive locking"))?;
+            // A store another process holds is refused at once (rusqlite waits 5 s by default).
+            conn.busy_timeout(std::time::Duration::ZERO)
+                .map_err(Error::db("set busy timeout"))?;
+        } else {
+            conn.busy_timeout(std::time::Duration::from_secs(10))
+                .map_err(Error::db("set busy timeout"))?;
+        }
+        let in_use = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                Error::InUse {
+                    root: path.parent().unwrap_or(path).to_path_buf(),
+                }
+            }
+            _ => Error::Db {
+                op: "enable WAL",
+                err: e,
+            },
+        };
         conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(Error::db("enable WAL"))?;
+            .map_err(in_use)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(Error::db("set synchronous"))?;
         conn.pragma_update(None, "foreign_keys", "ON")
@@ -131,6 +154,21 @@ impl Meta {
             )
             .map_err(Error::db("create schema"))?;
         }
+        if exclusive {
+            // Takes the exclusive lock now (kept until the connection closes), so a second
+            // server on this root fails at its start, not at its first write.
+            conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;")
+                .map_err(in_use)?;
+            let page: i64 = conn
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .map_err(Error::db("read page size"))?;
+            let wal = wal_path(path);
+            presize_wal(&wal, page as u64).map_err(|e| Error::Io {
+                op: "pre-size the WAL",
+                path: wal,
+                err: e,
+            })?;
+        }
         Ok(Meta { conn })
     }
 
@@ -146,6 +184,40 @@ impl Meta {
     pub fn conn(&self) -> &Conn {
         &self.conn
     }
+}
+
+fn wal_path(db: &Path) -> std::path::PathBuf {
+    let mut p = db.as_os_str().to_os_string();
+    p.push("-wal");
+    p.into()
+}
+
+/// Zero-fills the WAL up to the size it cycles within (SQLite restarts it from the beginning
+/// after each automatic checkpoint, every 1000 pages), so a commit overwrites blocks the file
+/// already has and its sync flushes the data only, not the file's growth: about 70 µs less per
+/// write transaction on ext4 here. SQLite never truncates the WAL when it restarts it, and reads
+/// one only as far as its frames are valid (checksums and salts), so the zeros are never taken
+/// for frames. Done when a server opens the store, before any write; frames a crashed server
+/// left are below the end and untouched.
+fn presize_wal(wal: &Path, page_size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let want = 32 + 1_100 * (24 + page_size);
+    let f = match std::fs::OpenOptions::new().write(true).open(wal) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut at = f.metadata()?.len();
+    if at >= want {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    while at < want {
+        let n = (want - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    f.sync_all()
 }
 
 macro_rules! select {
@@ -247,9 +319,21 @@ pub fn labels(tx: &Conn, id: i64) -> Result<BTreeMap<String, String>> {
         .map_err(Error::db("get labels"))
 }
 
+/// The highest snapshot id ever handed out (0 for none): ids above it are unused.
+pub fn max_id(tx: &Conn) -> Result<i64> {
+    tx.query_row(
+        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'), 0),
+                    COALESCE((SELECT MAX(id) FROM snapshots), 0))",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(Error::db("read the highest id"))
+}
+
 /// Replaces the labels of snapshot `id`.
 pub fn set_labels(tx: &Conn, id: i64, labels: &BTreeMap<String, String>) -> Result<()> {
-    tx.execute("DELETE FROM labels WHERE snapshot = ?1", [id])
+    tx.prepare_cached("DELETE FROM labels WHERE snapshot = ?1")
+        .and_then(|mut s| s.execute([id]))
         .map_err(Error::db("clear labels"))?;
     let mut stmt = tx
         .prepare_cached("INSERT INTO labels (snapshot, name, value) VALUES (?1, ?2, ?3)")
@@ -261,9 +345,12 @@ pub fn set_labels(tx: &Conn, id: i64, labels: &BTreeMap<String, String>) -> Resu
     Ok(())
 }
 
-/// Inserts a new snapshot and returns its id.
+/// Inserts a new snapshot and returns its id: `id` when given (it must be above every id used
+/// so far, see [`max_id`]), the next one otherwise.
+#[allow(clippy::too_many_arguments)]
 pub fn insert(
     tx: &Conn,
+    id: Option<i64>,
     key: &str,
     parent_id: Option<i64>,
     kind: Kind,
@@ -271,10 +358,10 @@ pub fn insert(
     boot_id: Option<&str>,
     labels: &BTreeMap<String, String>,
 ) -> Result<i64> {
-    tx.execute(
-        "INSERT INTO snapshots (key, parent_id, kind, created, updated, boot_id) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-        params![key, parent_id, kind as i64, now, boot_id],
+    tx.prepare_cached(
+        "INSERT INTO snapshots (id, key, parent_id, kind, created, updated, boot_id) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
     )
+    .and_then(|mut s| s.execute(params![id, key, parent_id, kind as i64, now, boot_id]))
     .map_err(Error::db("insert snapshot"))?;
     let id = tx.last_insert_rowid();
     set_labels(tx, id, labels)?;
@@ -293,37 +380,33 @@ pub fn commit(
     inodes: i64,
     labels: &BTreeMap<String, String>,
 ) -> Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE snapshots SET key = ?2, parent_id = ?3, kind = ?4, created = ?5, updated = ?5, size = ?6, inodes = ?7, boot_id = NULL WHERE id = ?1",
-        params![id, name, parent_id, Kind::Committed as i64, now, size, inodes],
     )
+    .and_then(|mut s| s.execute(params![id, name, parent_id, Kind::Committed as i64, now, size, inodes]))
     .map_err(Error::db("commit snapshot"))?;
     set_labels(tx, id, labels)
 }
 
 /// Sets the update time of `id`.
 pub fn touch(tx: &Conn, id: i64, now: i64) -> Result<()> {
-    tx.execute(
-        "UPDATE snapshots SET updated = ?2 WHERE id = ?1",
-        params![id, now],
-    )
-    .map_err(Error::db("update snapshot"))
-    .map(drop)
+    tx.prepare_cached("UPDATE snapshots SET updated = ?2 WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![id, now]))
+        .map_err(Error::db("update snapshot"))
+        .map(drop)
 }
 
 /// True when some snapshot has `id` as its parent.
 pub fn has_children(tx: &Conn, id: i64) -> Result<bool> {
-    tx.query_row(
-        "SELECT EXISTS(SELECT 1 FROM snapshots WHERE parent_id = ?1)",
-        [id],
-        |r| r.get(0),
-    )
-    .map_err(Error::db("find children"))
+    tx.prepare_cached("SELECT EXISTS(SELECT 1 FROM snapshots WHERE parent_id = ?1)")
+        .and_then(|mut s| s.query_row([id], |r| r.get(0)))
+        .map_err(Error::db("find children"))
 }
 
 /// Deletes snapshot `id` and its labels.
 pub fn delete(tx: &Conn, id: i64) -> Result<()> {
-    tx.execute("DELETE FROM snapshots WHERE id = ?1", [id])
+    tx.prepare_cached("DELETE FROM snapshots WHERE id = ?1")
+        .and_then(|mut s| s.execute([id]))
         .map_err(Error::db("delete snapshot"))
         .map(drop)
 }
@@ -357,13 +440,14 @@ pub fn ids(tx: &Conn) -> Result<HashSet<i64>> {
         .map_err(Error::db("list ids"))
 }
 
-/// Moves active snapshot `id` to a fresh id (returned) and gives `id` to a new committed
-/// snapshot `name`, so the committed one owns the directory `id` had. Labels follow the active
-/// snapshot; the committed one gets `labels`.
+/// Moves active snapshot `id` to a fresh id (`fresh`, or the next one; returned) and gives `id`
+/// to a new committed snapshot `name`, so the committed one owns the directory `id` had. Labels
+/// follow the active snapshot; the committed one gets `labels`.
 #[allow(clippy::too_many_arguments)]
 pub fn hand_over(
     tx: &Conn,
     id: i64,
+    fresh: Option<i64>,
     name: &str,
     parent_id: Option<i64>,
     now: i64,
@@ -372,14 +456,10 @@ pub fn hand_over(
     labels: &BTreeMap<String, String>,
 ) -> Result<i64> {
     let err = Error::db("hand over a snapshot's directory");
-    let fresh: i64 = tx
-        .query_row(
-            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'), 0),
-                        COALESCE((SELECT MAX(id) FROM snapshots), 0)) + 1",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(Error::db("hand over a snapshot's directory"))?;
+    let fresh = match fresh {
+        Some(f) => f,
+        None => max_id(tx)? + 1,
+    };
     let kept = self::labels(tx, id)?;
     tx.execute("DELETE FROM labels WHERE snapshot = ?1", [id])
         .map_err(Error::db("hand over a snapshot's directory"))?;
@@ -389,7 +469,7 @@ pub fn hand_over(
     )
     .map_err(Error::db("hand over a snapshot's directory"))?;
     tx.execute(
-        "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'snapshots'",
+        "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = 'snapshots'",
         [fresh],
     )
     .map_err(Error::db("hand over a snapshot's directory"))?;

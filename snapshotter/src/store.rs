@@ -9,15 +9,15 @@
 //! ROOT/snapshots/<id>/merged  FUSE mode: where the snapshot's union is mounted (handed out as
 //!                             a bind mount)
 //! ROOT/snapshots/new-*        a snapshot being created (temp; renamed to <id> in its transaction)
-//! ROOT/snapshots/rm-<id>      a removed snapshot's dirs, being deleted off the request path
-//! ROOT/snapshots/stock-*      empty active-snapshot dirs (fs/ 0755, work/) made ahead, off the
-//!                             request path; Prepare renames one into place
+//! ROOT/snapshots/<id>         with no record, `id` above every recorded one: a ready dir (a
+//!                             server only: see `background`), which Prepare records as is
+//! ROOT/snapshots/rm-*         an orphan's dirs, being deleted off the request path
 //! ```
 //! Every change is one SQLite transaction. A new snapshot's directories are created under a
-//! temp name and renamed into place before its transaction commits; a removed snapshot's are
-//! renamed away after its transaction commits. Either way a kill at any instant leaves the old
-//! or the new state plus, at worst, a directory no record owns, which is removed at start and
-//! by `cleanup`.
+//! temp name and renamed into place before its transaction commits (or were made ahead, as a
+//! ready dir); a removed snapshot's are deleted after its transaction commits. Either way a kill
+//! at any instant leaves the old or the new state plus, at worst, a directory no record owns,
+//! which is removed at start and by `cleanup`.
 //!
 //! In FUSE mode ([`Mode::Fuse`], or [`Mode::Auto`] where kernel overlay cannot mount) a
 //! snapshot that needs a union is mounted by its own FUSE server when it is created (see
@@ -34,6 +34,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use strata_overlay::mount::{Mount, Options, Overlay};
 
+use crate::background::{self, Activity, Changed, Chore, Ready, ReadyDirs};
 use crate::filter::{self, Fields, Filter};
 use crate::fuse::{self, FuseHelper};
 use crate::meta::{self, Kind, Meta, Row};
@@ -81,9 +82,13 @@ pub struct Config {
     pub fuse_helper: Option<FuseHelper>,
     /// The machine's boot id; `None`: the running kernel's. Tests simulate a reboot with it.
     pub boot_id: Option<String>,
-    /// How many empty active-snapshot dirs to keep ready, made off the request path so
-    /// Prepare only renames one (0: none; a long-running server wants a few). They are
-    /// deleted when the store is closed.
+    /// This process is the store's only user while it has it open (a server): SQLite locks
+    /// the database once, not per statement, and another process opening the store fails
+    /// with [`Error::InUse`]. The CLI shares its store between processes, so it does not.
+    pub exclusive: bool,
+    /// How many durable, empty active-snapshot dirs to keep ready under the ids they will get,
+    /// made in idle moments so Prepare does no filesystem work (see `background`). Only an
+    /// `exclusive` store keeps them (it hands out ids itself); they outlive the process.
     pub ready_dirs: usize,
 }
 
@@ -94,6 +99,7 @@ impl Config {
             mode,
             fuse_helper: None,
             boot_id: None,
+            exclusive: false,
             ready_dirs: 0,
         }
     }
@@ -173,73 +179,40 @@ pub struct Snapshotter {
     /// Serializes making the FUSE mount of one snapshot (never across snapshots).
     mount_locks: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
     boot_id: String,
-    /// The background thread's queue: deletions, and restocking of `stock`.
-    reaper: Mutex<Option<mpsc::Sender<Chore>>>,
-    reaper_thread: Option<std::thread::JoinHandle<()>>,
-    /// Ready-made active-snapshot dirs.
-    stock: Arc<Mutex<Vec<PathBuf>>>,
-    /// Set at drop: restocking stops, deletions still finish.
-    closing: Arc<std::sync::atomic::AtomicBool>,
-    /// [`Config::ready_dirs`].
+    /// The background thread's queue: deletions, and ready dirs to make.
+    chores: Mutex<Option<mpsc::Sender<Chore>>>,
+    chores_thread: Option<std::thread::JoinHandle<()>>,
+    /// Operations running, so chores wait for a gap.
+    activity: Arc<Activity>,
+    /// Ready dirs (see `background`).
+    ready: Arc<Mutex<ReadyDirs>>,
+    /// [`Config::ready_dirs`] (0 unless exclusive).
     ready_dirs: usize,
+    /// The next id to hand out, in an exclusive store (`None`: SQLite's AUTOINCREMENT picks).
+    next_id: Option<std::sync::atomic::AtomicI64>,
+    /// Active snapshots made from a ready dir (durable, empty), not committed yet, with their
+    /// upper root's change time then: if it is still unchanged at commit, nothing to sync.
+    pristine: Mutex<HashMap<i64, Changed>>,
+    /// Parent chains of active snapshots and views (see `remember_chain`).
+    chains: Mutex<HashMap<i64, Vec<i64>>>,
     counter: AtomicU64,
 }
 
 impl Drop for Snapshotter {
     /// Finishes the deletions still queued, so a short-lived user (the CLI) leaves nothing.
     fn drop(&mut self) {
-        self.closing.store(true, Ordering::Relaxed);
-        self.reaper
+        // Deletions still queued finish; ready dirs still to make are not made, and those made
+        // go: a store closed cleanly holds nothing but its records' dirs. (A killed server's
+        // are taken back at the next start.)
+        self.chores
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(t) = self.reaper_thread.take() {
+        if let Some(t) = self.chores_thread.take() {
             let _ = t.join();
         }
-        for p in self
-            .stock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .drain(..)
-        {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
-/// Work for the background thread.
-enum Chore {
-    /// Delete a removed snapshot's dirs (unmounting anything below first).
-    Delete(PathBuf),
-    /// Make one more ready dir for Prepare.
-    Stock,
-}
-
-/// Makes an active snapshot's dirs (`fs/` 0755, `work/`) under `tmp`.
-fn make_active_dirs(tmp: &Path) -> std::io::Result<()> {
-    std::fs::create_dir(tmp)?;
-    std::fs::create_dir(tmp.join("fs"))?;
-    // Explicitly, so the umask cannot change it (containerd relies on the umask).
-    std::fs::set_permissions(tmp.join("fs"), std::fs::Permissions::from_mode(0o755))?;
-    std::fs::create_dir(tmp.join("work"))
-}
-
-/// One ready dir: made under a temp name, renamed to `stock-*` only when complete.
-fn restock(snapshots: &Path, n: u64, stock: &Mutex<Vec<PathBuf>>) {
-    let pid = std::process::id();
-    let (tmp, done) = (
-        snapshots.join(format!("stock-new-{pid}-{n}")),
-        snapshots.join(format!("stock-{pid}-{n}")),
-    );
-    let made = make_active_dirs(&tmp).and_then(|()| std::fs::rename(&tmp, &done));
-    match made {
-        Ok(()) => stock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(done),
-        Err(e) => {
-            tracing::warn!(path = %tmp.display(), %e, "making a ready snapshot dir");
-            let _ = std::fs::remove_dir_all(&tmp);
+        for (id, _) in std::mem::take(&mut self.ready_dirs().made) {
+            let _ = std::fs::remove_dir_all(self.dir(id));
         }
     }
 }
@@ -260,9 +233,23 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
 /// Makes the layer at `path` durable before it is recorded as committed, and measures it. A
 /// small layer (the common container commit) has each file and directory synced; a large one
 /// is flushed with one `syncfs`, which would otherwise also wait for every unrelated dirty
-/// inode on the file system.
-fn settle(path: &Path) -> Result<Usage> {
+/// inode on the file system. `durable`: the directory was synced when it had this change time
+/// (a ready dir); if it is still empty and unchanged there is nothing to sync.
+fn settle(path: &Path, durable: Option<Changed>) -> Result<Usage> {
     const ONE_BY_ONE: usize = 256;
+    if let Some(then) = durable {
+        let m = std::fs::symlink_metadata(path).map_err(|e| Error::io("stat", path, e))?;
+        let empty = std::fs::read_dir(path)
+            .map_err(|e| Error::io("read dir", path, e))?
+            .next()
+            .is_none();
+        if empty && Changed::of(&m) == then {
+            return Ok(Usage {
+                size: (m.blocks() * 512) as i64,
+                inodes: 1,
+            });
+        }
+    }
     let mut sync = Some(Vec::new());
     let usage = walk(path, &mut |p, m| {
         if let Some(list) = &mut sync {
@@ -320,6 +307,12 @@ fn walk(path: &Path, each: &mut dyn FnMut(&Path, &std::fs::Metadata)) -> Result<
         }
     }
     Ok(usage)
+}
+
+/// True when `dir` (a `snapshots/<id>` directory no record owns) is a ready dir as a server
+/// leaves it for Prepare: an empty `fs/` (0755) and an empty `work/`, nothing else.
+pub fn is_ready_dir(dir: &Path) -> bool {
+    background::is_ready(dir)
 }
 
 impl Snapshotter {
@@ -406,38 +399,13 @@ impl Snapshotter {
         };
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io("chmod", root, e))?;
-        let meta = Meta::open(&root.join("metadata.db"))?;
+        let meta = Meta::open(&root.join("metadata.db"), config.exclusive)?;
         let (tx, rx) = mpsc::channel::<Chore>();
-        let stock = Arc::new(Mutex::new(Vec::new()));
-        let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (snapshots, stocked, closed) = (root.join("snapshots"), stock.clone(), closing.clone());
-        let reaper_thread = std::thread::Builder::new()
-            .name("strata-reaper".into())
-            .spawn(move || {
-                let mut n = 0;
-                for chore in rx {
-                    let p = match chore {
-                        Chore::Delete(p) => p,
-                        Chore::Stock => {
-                            if !closed.load(Ordering::Relaxed) {
-                                n += 1;
-                                restock(&snapshots, n, &stocked);
-                            }
-                            continue;
-                        }
-                    };
-                    if let Err(e) = fuse::unmount_below(&p) {
-                        tracing::error!(path = %p.display(), %e, "unmounting below a deleted snapshot's directory; not deleting it");
-                        continue;
-                    }
-                    // A dir can be queued twice (Remove, then a Cleanup that saw it): gone is fine.
-                    if let Err(e) = std::fs::remove_dir_all(&p).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) {
-                        tracing::error!(path = %p.display(), %e, "removing a deleted snapshot's directory");
-                    }
-                }
-            })
-            .map_err(|e| Error::io("spawn reaper", root, e))?;
-        let s = Snapshotter {
+        let activity = Arc::new(Activity::default());
+        let ready = Arc::new(Mutex::new(ReadyDirs::default()));
+        let chores_thread = background::spawn(root, rx, activity.clone(), ready.clone())
+            .map_err(|e| Error::io("spawn the background thread", root, e))?;
+        let mut s = Snapshotter {
             root: root.to_path_buf(),
             meta: Mutex::new(meta),
             options,
@@ -445,16 +413,34 @@ impl Snapshotter {
             backend,
             mount_locks: Mutex::new(HashMap::new()),
             boot_id,
-            reaper: Mutex::new(Some(tx)),
-            reaper_thread: Some(reaper_thread),
-            stock,
-            closing,
-            ready_dirs: config.ready_dirs,
+            chores: Mutex::new(Some(tx)),
+            chores_thread: Some(chores_thread),
+            activity,
+            ready,
+            ready_dirs: if config.exclusive {
+                config.ready_dirs
+            } else {
+                0
+            },
+            next_id: None,
+            pristine: Mutex::new(HashMap::new()),
+            chains: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
         };
         s.discard_stale_volatile()?;
+        s.take_over_ready_dirs()?;
         s.cleanup()?;
-        s.take_over_stock()?;
+        if config.exclusive {
+            let above = {
+                let meta = s.lock();
+                meta::max_id(meta.conn())?
+            };
+            let highest_ready = s.ready_dirs().reserved.iter().max().copied().unwrap_or(0);
+            s.next_id = Some(std::sync::atomic::AtomicI64::new(
+                above.max(highest_ready) + 1,
+            ));
+            s.restock();
+        }
         Ok(s)
     }
 
@@ -494,14 +480,14 @@ impl Snapshotter {
 
     fn reap(&self, p: PathBuf) {
         if let Some(Chore::Delete(p)) = self.chore(Chore::Delete(p)) {
-            let _ = std::fs::remove_dir_all(p);
+            background::delete(&p);
         }
     }
 
     /// Queues `c` for the background thread; gives it back if that thread is gone.
     fn chore(&self, c: Chore) -> Option<Chore> {
         let tx = self
-            .reaper
+            .chores
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match tx.as_ref() {
@@ -510,43 +496,96 @@ impl Snapshotter {
         }
     }
 
-    /// Takes the ready dirs a previous process left (complete ones only: they are renamed
-    /// into their name last) and tops the stock up.
-    fn take_over_stock(&self) -> Result<()> {
-        let dir = self.snapshots();
-        let mut found = Vec::new();
-        for e in std::fs::read_dir(&dir).map_err(|e| Error::io("read dir", &dir, e))? {
-            let e = e.map_err(|e| Error::io("read dir", &dir, e))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("stock-") && !name.starts_with("stock-new-") {
-                found.push(e.path());
-            }
-        }
-        // A kill between Prepare taking a dir and renaming it into place, with its replacement
-        // already made, leaves one more than the stock holds: extras go.
-        while found.len() > self.ready_dirs {
-            self.reap(found.pop().expect("longer than ready_dirs"));
-        }
-        let missing = self.ready_dirs - found.len();
-        self.stock
+    fn ready_dirs(&self) -> std::sync::MutexGuard<'_, ReadyDirs> {
+        self.ready
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(found);
-        for _ in 0..missing {
-            self.chore(Chore::Stock);
+    }
+
+    /// A fresh id: the next above all in an exclusive store, `None` (SQLite's pick) otherwise.
+    fn new_id(&self) -> Option<i64> {
+        self.next_id
+            .as_ref()
+            .map(|n| n.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Orders ready dirs until `ready_dirs` are made or on their way.
+    fn restock(&self) {
+        let have = self.ready_dirs().reserved.len();
+        for _ in have..self.ready_dirs {
+            self.restock_one();
         }
+    }
+
+    /// Takes back the ready dirs a previous server left: numbered dirs above every recorded id
+    /// that are still exactly as made (an exclusive store only; anything else is swept).
+    fn take_over_ready_dirs(&self) -> Result<()> {
+        if self.ready_dirs == 0 {
+            return Ok(());
+        }
+        let above = {
+            let meta = self.lock();
+            meta::max_id(meta.conn())?
+        };
+        let dir = self.snapshots();
+        let mut found: Vec<i64> = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io("read dir", &dir, e))? {
+            let e = e.map_err(|e| Error::io("read dir", &dir, e))?;
+            let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()) else {
+                continue;
+            };
+            if id > above && background::is_ready(&e.path()) {
+                found.push(id);
+            }
+        }
+        found.sort_unstable();
+        found.truncate(self.ready_dirs);
+        // Made durable again: a crash may have come between their making and their syncs.
+        let mut taken = Vec::new();
+        for id in found {
+            let d = self.dir(id);
+            let changed = background::sync_ready(&d)
+                .and_then(|()| std::fs::symlink_metadata(d.join("fs")))
+                .map_err(|e| Error::io("sync", &d, e))?;
+            taken.push((id, Changed::of(&changed)));
+        }
+        if !taken.is_empty() {
+            std::fs::File::open(&dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io("sync", &dir, e))?;
+        }
+        let mut r = self.ready_dirs();
+        r.reserved.extend(taken.iter().map(|t| t.0));
+        r.made.extend(taken);
         Ok(())
     }
 
-    /// A ready-made active snapshot dir, if one is waiting (and a new one is ordered).
-    fn stocked_dir(&self) -> Option<PathBuf> {
-        let p = self
-            .stock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop()?;
-        self.chore(Chore::Stock);
-        Some(p)
+    /// A ready dir, if one is waiting (and another is ordered).
+    /// A ready dir, if one is waiting (and another is ordered). The caller holds the store's
+    /// lock until the dir has a record or is given back, so Cleanup cannot see it unowned.
+    fn take_ready(&self) -> Option<Ready> {
+        let taken = {
+            let mut r = self.ready_dirs();
+            let t = r.made.pop()?;
+            r.reserved.remove(&t.0);
+            t
+        };
+        self.restock_one();
+        Some(taken)
+    }
+
+    fn restock_one(&self) {
+        if let Some(id) = self.new_id() {
+            self.ready_dirs().reserved.insert(id);
+            self.chore(Chore::Ready(id));
+        }
+    }
+
+    /// Gives back a ready dir that a failed Prepare took.
+    fn untake_ready(&self, t: Ready) {
+        let mut r = self.ready_dirs();
+        r.reserved.insert(t.0);
+        r.made.push(t);
     }
 
     /// Creates an active snapshot `key` on `parent` ("" for none) and returns its mounts.
@@ -556,7 +595,7 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
+        self.create(Kind::Active, key, parent, &labels)
     }
 
     /// Creates a read-only view `key` of `parent` and returns its mounts.
@@ -566,7 +605,7 @@ impl Snapshotter {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
+        self.create(Kind::View, key, parent, &labels)
     }
 
     fn create(
@@ -574,34 +613,62 @@ impl Snapshotter {
         kind: Kind,
         key: &str,
         parent: &str,
-        labels: BTreeMap<String, String>,
+        labels: &BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
         if key.is_empty() {
             return Err(Error::InvalidArgument(
                 "snapshot key must not be empty".into(),
             ));
         }
-        validate_labels(&labels)?;
+        validate_labels(labels)?;
         let volatile = kind == Kind::Active
             && labels.get(VOLATILE_LABEL).is_some_and(|v| v == "true")
             && !labels.contains_key(UNPACK_LABEL);
+        let _busy = self.activity.begin();
         let mut meta = self.lock();
-        let stocked = if kind == Kind::Active {
-            self.stocked_dir()
+        let made = self.create_locked(&mut meta, kind, key, parent, labels, volatile);
+        drop(meta);
+        let (id, chain) = made?;
+        tracing::debug!(key, parent, ?kind, id, "created snapshot");
+        match self.mounts_of(id, kind, &chain, volatile) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                // A snapshot nobody can mount is not handed out: undone, so a retry works.
+                if let Err(undo) = self.remove(key) {
+                    tracing::error!(key, %undo, "removing a snapshot whose mount failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn create_locked(
+        &self,
+        meta: &mut std::sync::MutexGuard<'_, Meta>,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        volatile: bool,
+    ) -> Result<(i64, Vec<i64>)> {
+        // An active snapshot takes a ready dir (already in place under its id) when there is
+        // one; otherwise its dirs are made now under a temp name, under the lock, so `cleanup`
+        // never mistakes them for a leftover.
+        let ready = if kind == Kind::Active {
+            self.take_ready()
         } else {
             None
         };
-        let tmp = match stocked {
-            Some(ready) => ready,
+        let tmp = match ready {
+            Some(_) => None,
             None => {
-                // Made under the lock, so `cleanup` never mistakes it for a leftover.
                 let tmp = self.snapshots().join(format!(
                     "new-{}-{}",
                     std::process::id(),
                     self.counter.fetch_add(1, Ordering::Relaxed)
                 ));
                 let made = if kind == Kind::Active {
-                    make_active_dirs(&tmp)
+                    background::make_active_dirs(&tmp)
                 } else {
                     std::fs::create_dir(&tmp)
                         .and_then(|()| std::fs::create_dir(tmp.join("fs")))
@@ -616,13 +683,22 @@ impl Snapshotter {
                     let _ = std::fs::remove_dir_all(&tmp);
                     return Err(Error::io("create snapshot dir", &tmp, e));
                 }
-                tmp
+                Some(tmp)
             }
+        };
+        // Undoes the directory side of a create that did not happen.
+        let undo = |placed: Option<i64>| match (&tmp, ready) {
+            (_, Some(r)) => self.untake_ready(r),
+            (Some(t), None) => {
+                let _ =
+                    std::fs::remove_dir_all(placed.map_or_else(|| t.clone(), |id| self.dir(id)));
+            }
+            (None, None) => {}
         };
         let tx = match meta.write() {
             Ok(tx) => tx,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
+                undo(None);
                 return Err(e);
             }
         };
@@ -646,39 +722,38 @@ impl Snapshotter {
                 Some(p.id)
             };
             let boot = volatile.then_some(self.boot_id.as_str());
-            let id = meta::insert(&tx, key, parent_id, kind, now_ns(), boot, &labels)?;
+            let want = ready.map(|r| r.0).or_else(|| self.new_id());
+            let id = meta::insert(&tx, want, key, parent_id, kind, now_ns(), boot, labels)?;
             let chain = meta::chain(&tx, id)?;
-            std::fs::rename(&tmp, self.dir(id))
-                .map_err(|e| Error::io("rename into place", self.dir(id), e))?;
+            if let Some(tmp) = &tmp {
+                std::fs::rename(tmp, self.dir(id))
+                    .map_err(|e| Error::io("rename into place", self.dir(id), e))?;
+            }
             Ok((id, chain))
         })();
         let (id, chain) = match result {
             Ok(v) => v,
             Err(e) => {
                 drop(tx);
-                let _ = std::fs::remove_dir_all(&tmp);
+                undo(None);
                 return Err(e);
             }
         };
         if let Err(e) = tx.commit() {
-            let _ = std::fs::remove_dir_all(self.dir(id));
+            undo(Some(id));
             return Err(Error::Db {
                 op: "commit",
                 err: e,
             });
         }
-        drop(meta);
-        tracing::debug!(key, parent, ?kind, id, "created snapshot");
-        match self.mounts_of(id, kind, &chain, volatile) {
-            Ok(m) => Ok(m),
-            Err(e) => {
-                // A snapshot nobody can mount is not handed out: undone, so a retry works.
-                if let Err(undo) = self.remove(key) {
-                    tracing::error!(key, %undo, "removing a snapshot whose mount failed");
-                }
-                Err(e)
-            }
+        if let Some((_, changed)) = ready {
+            self.pristine
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(id, changed);
         }
+        self.remember_chain(id, &chain);
+        Ok((id, chain))
     }
 
     /// containerd's mount rules: a bind mount without parents or for a one-layer view, an
@@ -807,6 +882,7 @@ impl Snapshotter {
         if !wait && self.fuse.is_some() {
             return None; // may have to start a FUSE server: not on the caller's thread
         }
+        let _busy = self.activity.begin();
         let meta = self.lock_or_skip(wait)?;
         let found = (|| {
             let db = meta.conn();
@@ -817,7 +893,7 @@ impl Snapshotter {
                     "snapshot {key:?} is committed: mount it through a view or an active child"
                 )));
             }
-            let chain = meta::chain(db, row.id)?;
+            let chain = self.chain_of(db, row.id)?;
             Ok((row, chain))
         })();
         drop(meta);
@@ -846,18 +922,32 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
         parent: Option<&str>,
     ) -> Result<()> {
+        let _busy = self.activity.begin();
+        let row = {
+            let meta = self.lock();
+            meta::get(meta.conn(), key)?
+                .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
+        };
+        let usage = self.settle_active(name, key, &labels, &row, self.is_pristine(row.id))?;
+        let mut meta = self.lock();
+        self.commit_locked(&mut meta, name, key, &labels, parent, &row, usage)
+    }
+
+    /// Checks a commit's request and makes the upper of active snapshot `row` durable.
+    fn settle_active(
+        &self,
+        name: &str,
+        key: &str,
+        labels: &BTreeMap<String, String>,
+        row: &Row,
+        pristine: Option<Changed>,
+    ) -> Result<Usage> {
         if name.is_empty() {
             return Err(Error::InvalidArgument(
                 "commit name must not be empty".into(),
             ));
         }
-        validate_labels(&labels)?;
-        let row = {
-            let meta = self.lock();
-            let db = meta.conn();
-            meta::get(db, key)?
-                .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
-        };
+        validate_labels(labels)?;
         if row.kind != Kind::Active {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key:?} is not active"
@@ -865,9 +955,20 @@ impl Snapshotter {
         }
         // The container is done with it; a FUSE server must not write behind the commit.
         self.end_fuse_mount(row.id)?;
-        let fs = self.fs_dir(row.id);
-        let usage = settle(&fs)?;
-        let mut meta = self.lock();
+        settle(&self.fs_dir(row.id), pristine)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn commit_locked(
+        &self,
+        meta: &mut std::sync::MutexGuard<'_, Meta>,
+        name: &str,
+        key: &str,
+        labels: &BTreeMap<String, String>,
+        parent: Option<&str>,
+        row: &Row,
+        usage: Usage,
+    ) -> Result<()> {
         let tx = meta.write()?;
         let now = meta::get(&tx, key)?
             .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
@@ -893,9 +994,11 @@ impl Snapshotter {
             now_ns(),
             usage.size,
             usage.inodes,
-            &labels,
+            labels,
         )?;
         tx.commit().map_err(Error::db("commit"))?;
+        self.forget_pristine(row.id);
+        self.forget_chain(row.id);
         tracing::debug!(name, key, id = row.id, "committed snapshot");
         Ok(())
     }
@@ -919,10 +1022,11 @@ impl Snapshotter {
             ));
         }
         validate_labels(&labels)?;
+        let _busy = self.activity.begin();
         let row = self.active_row(key)?;
         self.end_fuse_mount(row.id)?;
         let fs = self.fs_dir(row.id);
-        let usage = settle(&fs)?;
+        let usage = settle(&fs, self.is_pristine(row.id))?;
         let root_meta = std::fs::metadata(&fs).map_err(|e| Error::io("stat", &fs, e))?;
         let mut meta = self.lock();
         let tmp = self.snapshots().join(format!(
@@ -959,6 +1063,7 @@ impl Snapshotter {
             let fresh = meta::hand_over(
                 &tx,
                 row.id,
+                self.new_id(),
                 name,
                 parent_id,
                 now_ns(),
@@ -979,6 +1084,9 @@ impl Snapshotter {
         })();
         match result {
             Ok(fresh) => {
+                self.forget_pristine(row.id);
+                self.forget_chain(row.id);
+                self.forget_chain(fresh);
                 tracing::debug!(
                     key,
                     name,
@@ -1010,7 +1118,9 @@ impl Snapshotter {
         }
         let parent_id = self.committed_parent(&tx, parent)?;
         meta::set_parent(&tx, row.id, parent_id, now_ns())?;
-        tx.commit().map_err(Error::db("commit"))
+        tx.commit().map_err(Error::db("commit"))?;
+        self.forget_chain(row.id);
+        Ok(())
     }
 
     fn active_row(&self, key: &str) -> Result<meta::Row> {
@@ -1039,9 +1149,10 @@ impl Snapshotter {
         Ok(Some(p.id))
     }
 
-    /// Removes snapshot `key`, which must have no children. Its directories are renamed away in
-    /// the transaction and deleted off the request path.
+    /// Removes snapshot `key`, which must have no children. Its directories are deleted off
+    /// the request path once the transaction has committed.
     pub fn remove(&self, key: &str) -> Result<()> {
+        let _busy = self.activity.begin();
         let mut meta = self.lock();
         let tx = meta.write()?;
         let row = meta::get(&tx, key)?
@@ -1053,33 +1164,75 @@ impl Snapshotter {
         }
         meta::delete(&tx, row.id)?;
         tx.commit().map_err(Error::db("commit"))?;
+        drop(meta);
         // Only after the commit: a kill before it leaves the record and its directory as they
-        // were; a kill after it leaves a directory no record owns, which the sweep removes.
-        let (dir, gone) = (
-            self.dir(row.id),
-            self.snapshots().join(format!("rm-{}", row.id)),
-        );
+        // were; a kill after it leaves a directory no record owns (its id is below every new
+        // one, so it never passes for a ready dir), which the sweep at start removes.
+        self.forget_pristine(row.id);
+        self.forget_chain(row.id);
         if let Err(e) = self.end_fuse_mount(row.id) {
-            // The reaper detaches whatever is still mounted before it deletes.
+            // The background thread detaches whatever is still mounted before it deletes.
             tracing::warn!(key, %e, "unmounting a removed snapshot's FUSE mount");
         }
         self.mount_locks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&row.id);
-        match std::fs::rename(&dir, &gone) {
-            Ok(()) => {
-                drop(meta);
-                self.reap(gone);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                // The record is gone; the directory is an orphan the next sweep removes.
-                tracing::error!(dir = %dir.display(), %e, "renaming a removed snapshot's directory away");
-            }
-        }
+        self.reap(self.dir(row.id));
         tracing::debug!(key, id = row.id, "removed snapshot");
         Ok(())
+    }
+
+    /// The change time of `id`'s upper root when it was made durable, for a snapshot made
+    /// from a ready dir.
+    fn is_pristine(&self, id: i64) -> Option<Changed> {
+        self.pristine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .copied()
+    }
+
+    /// Notes the parent chain of active snapshot or view `id` (fixed until it is committed,
+    /// rebased or removed), so Mounts need not walk it again.
+    fn remember_chain(&self, id: i64, chain: &[i64]) {
+        let mut c = self
+            .chains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if c.len() >= 4096 {
+            c.clear();
+        }
+        c.insert(id, chain.to_vec());
+    }
+
+    fn forget_chain(&self, id: i64) {
+        self.chains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// The parent chain of `id`, nearest first: remembered, or read (and remembered).
+    fn chain_of(&self, db: &meta::Conn, id: i64) -> Result<Vec<i64>> {
+        if let Some(c) = self
+            .chains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+        {
+            return Ok(c.clone());
+        }
+        let c = meta::chain(db, id)?;
+        self.remember_chain(id, &c);
+        Ok(c)
+    }
+
+    fn forget_pristine(&self, id: i64) {
+        self.pristine
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
     }
 
     /// The snapshot `key`.
@@ -1093,6 +1246,7 @@ impl Snapshotter {
     }
 
     fn stat_with(&self, key: &str, wait: bool) -> Option<Result<Info>> {
+        let _busy = self.activity.begin();
         let meta = self.lock_or_skip(wait)?;
         let row = meta::get(meta.conn(), key).and_then(|r| {
             r.ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))
@@ -1103,6 +1257,7 @@ impl Snapshotter {
     /// Updates the labels of `info.name`: all of them with no field paths, or those named by
     /// `labels` / `labels.KEY` paths. Other fields are immutable.
     pub fn update(&self, info: &Info, paths: &[String]) -> Result<Info> {
+        let _busy = self.activity.begin();
         let mut meta = self.lock();
         let tx = meta.write()?;
         let row = meta::get(&tx, &info.name)?
@@ -1178,20 +1333,21 @@ impl Snapshotter {
             let db = meta.conn();
             meta::ids(db)?
         };
+        let reserved = self.ready_dirs().reserved.clone();
         let dir = self.snapshots();
         let mut orphans = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(|e| Error::io("read dir", &dir, e))? {
             let e = e.map_err(|e| Error::io("read dir", &dir, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.parse::<i64>().is_ok_and(|id| ids.contains(&id)) {
+            if name
+                .parse::<i64>()
+                .is_ok_and(|id| ids.contains(&id) || reserved.contains(&id))
+            {
                 continue;
             }
-            // Ready dirs are not leftovers, nor is one this process is making; one a previous
-            // process was making when it died is.
-            let ours = format!("stock-new-{}-", std::process::id());
-            if name.starts_with("stock-")
-                && (!name.starts_with("stock-new-") || name.starts_with(&ours))
-            {
+            // A ready dir this process is making is not a leftover; one a previous process
+            // was making when it died is.
+            if name.starts_with(&format!("new-ready-{}-", std::process::id())) {
                 continue;
             }
             orphans.push(e.path());
@@ -1210,7 +1366,12 @@ impl Snapshotter {
             };
             fuse::unmount_below(&p)?;
             if target != p {
-                std::fs::rename(&p, &target).map_err(|e| Error::io("rename away", &p, e))?;
+                match std::fs::rename(&p, &target) {
+                    Ok(()) => {}
+                    // A removed snapshot's dir the background thread deleted meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io("rename away", &p, e)),
+                }
             }
             self.reap(target);
         }

@@ -171,13 +171,13 @@ fn end_to_end(mode: &str) {
     let left = snaps(d);
     assert_eq!(left.lines().count(), 1, "snapshots left after GC:\n{left}");
     drop(ctrd);
-    // While it runs, the server keeps a few empty dirs ready for Prepare (`stock-*`).
+    // While it runs, the server keeps a few empty dirs ready for Prepare (numbered, no record).
     let snapdir = d.join("strata/snapshots");
     let entries = |ready_too: bool| -> Vec<String> {
         std::fs::read_dir(&snapdir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| ready_too || !n.starts_with("stock-"))
+            .filter(|n| ready_too || !strata_snapshotter::store::is_ready_dir(&snapdir.join(n)))
             .collect()
     };
     for _ in 0..100 {

@@ -136,24 +136,16 @@ async fn check(socket: PathBuf, acked: &Acked, snapdir: &std::path::Path) {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        // Besides the records' dirs, the server keeps up to 4 empty ones ready for Prepare
-        // (`stock-*`, each complete: an empty fs/ and work/); half-made ones are swept.
-        let (ready, rest): (Vec<&String>, Vec<&String>) =
-            dirs.iter().partition(|d| d.starts_with("stock-"));
-        let ready_ok = ready.len() <= 4
-            && ready.iter().all(|r| {
-                let mut inside: Vec<String> = std::fs::read_dir(snapdir.join(r))
-                    .map(|it| {
-                        it.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                inside.sort();
-                inside == ["fs", "work"]
-                    && std::fs::read_dir(snapdir.join(r).join("fs"))
-                        .is_ok_and(|mut d| d.next().is_none())
-            });
-        if ready_ok && rest.len() == live && rest.iter().all(|d| d.parse::<i64>().is_ok()) {
+        // Besides the records' dirs, the server keeps up to 4 ready for Prepare, numbered
+        // with the ids they will get, each as made (an empty fs/ and work/); half-made ones are
+        // swept. (Records' dirs may look the same: actives the load never wrote to.)
+        let ids: Vec<&String> = dirs.iter().filter(|d| d.parse::<i64>().is_ok()).collect();
+        let ready = ids.len().saturating_sub(live);
+        let look_ready = ids
+            .iter()
+            .filter(|id| strata_snapshotter::store::is_ready_dir(&snapdir.join(id)))
+            .count();
+        if ids.len() == dirs.len() && ids.len() >= live && ready <= 4 && look_ready >= ready {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

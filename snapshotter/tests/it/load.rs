@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use strata_snapshotter::api::containerd::services::snapshots::v1 as pb;
-use strata_snapshotter::{Mode, Snapshotter, connect, serve};
+use strata_snapshotter::{Config, Mode, Snapshotter, connect, serve};
 use tonic::Code;
 
 use crate::support::{require_root, scratch};
@@ -24,7 +24,13 @@ async fn sixteen_clients_of_mixed_operations_leave_a_consistent_store() {
     require_root();
     let t = scratch();
     let root = t.path().join("root");
-    let snap = Arc::new(Snapshotter::open(&root, Mode::Overlay).unwrap());
+    // As `strata snapshotter serve` opens it: exclusive, with ready dirs for Prepare.
+    let config = Config {
+        exclusive: true,
+        ready_dirs: 4,
+        ..Config::new(Mode::Overlay)
+    };
+    let snap = Arc::new(Snapshotter::open_with(&root, config).unwrap());
     let socket = t.path().join("snap.sock");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn({
@@ -297,16 +303,8 @@ async fn sixteen_clients_of_mixed_operations_leave_a_consistent_store() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
     drop(c);
-    let dirs: BTreeSet<String> = std::fs::read_dir(root.join("snapshots"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        .collect();
-    let ids: BTreeSet<String> = expected
-        .keys()
-        .map(|k| snap.id_of(k).unwrap().to_string())
-        .collect();
-    assert_eq!(dirs, ids, "directories and records differ after Cleanup");
+    let ids: BTreeSet<i64> = expected.keys().map(|k| snap.id_of(k).unwrap()).collect();
+    crate::support::assert_dirs_are_records(&root.join("snapshots"), &ids, 4);
 
     let lat = lat.lock().unwrap();
     let mut total = 0;

@@ -432,3 +432,101 @@ fn adopt_hands_the_upper_over_without_copying() {
     let s = Snapshotter::open(&t.path().join("root"), Mode::Overlay).unwrap();
     assert_eq!(s.list(&[]).unwrap().len(), 1);
 }
+
+/// A store opened as `strata snapshotter serve` opens it.
+fn open_served(root: &std::path::Path) -> strata_snapshotter::Result<Snapshotter> {
+    Snapshotter::open_with(
+        root,
+        strata_snapshotter::Config {
+            exclusive: true,
+            ready_dirs: 2,
+            ..strata_snapshotter::Config::new(Mode::Overlay)
+        },
+    )
+}
+
+/// The ids of the ready dirs under `snapshots`, once `n` are made (they are made in the
+/// background).
+fn ready_ids(snapshots: &std::path::Path, records: &[i64], n: usize) -> Vec<i64> {
+    for _ in 0..250 {
+        let mut ids: Vec<i64> = std::fs::read_dir(snapshots)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str()?.parse().ok())
+            .filter(|id| !records.contains(id))
+            .filter(|id| strata_snapshotter::store::is_ready_dir(&snapshots.join(id.to_string())))
+            .collect();
+        if ids.len() == n {
+            ids.sort();
+            return ids;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("{n} ready dirs were not made");
+}
+
+#[test]
+fn a_served_store_is_its_servers_alone_and_keeps_ready_dirs_across_restarts() {
+    require_root();
+    let t = scratch();
+    let root = t.path().join("root");
+    let snaps = root.join("snapshots");
+    let s = open_served(&root).unwrap();
+    // Another process (or a second open here) is refused at once, naming the store.
+    match open_served(&root) {
+        Err(e @ Error::InUse { .. }) => {
+            assert!(e.to_string().contains(&root.display().to_string()), "{e}")
+        }
+        Err(e) => panic!("a second server got {e}"),
+        Ok(_) => panic!("a second server opened a served store"),
+    }
+    // The WAL is as large as its checkpoint cycle from the start (commits overwrite).
+    let wal = std::fs::metadata(root.join("metadata.db-wal"))
+        .unwrap()
+        .len();
+    assert!(wal >= 1000 * 4096, "WAL of {wal} bytes");
+    let ready = ready_ids(&snaps, &[], 2);
+    // Prepare records a ready dir as it is: the snapshot gets its id.
+    s.prepare("a", "", no_labels()).unwrap();
+    let a = s.id_of("a").unwrap();
+    assert!(ready.contains(&a), "{a} not one of {ready:?}");
+    // Written to, then committed: the content is there (the upper is synced as usual).
+    std::fs::write(snaps.join(format!("{a}/fs/f")), b"data").unwrap();
+    s.commit("c", "a", no_labels(), None).unwrap();
+    assert_eq!(s.usage("c").unwrap().inodes, 2);
+    // Untouched, then committed: an empty layer.
+    s.prepare("b", "c", no_labels()).unwrap();
+    s.commit("d", "b", no_labels(), None).unwrap();
+    assert_eq!(s.usage("d").unwrap().inodes, 1);
+    let records = [a, s.id_of("d").unwrap()];
+    ready_ids(&snaps, &records, 2);
+    drop(s);
+    // Closed cleanly, a server leaves nothing but its records' dirs.
+    assert!(ready_ids(&snaps, &records, 0).is_empty());
+    // A killed server's ready dirs (complete ones, above every id used) are taken back at the
+    // next start, and Prepare uses them.
+    let left = records[1] + 10;
+    std::fs::create_dir(snaps.join(left.to_string())).unwrap();
+    std::fs::create_dir(snaps.join(format!("{left}/fs"))).unwrap();
+    std::fs::set_permissions(
+        snaps.join(format!("{left}/fs")),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::create_dir(snaps.join(format!("{left}/work"))).unwrap();
+    let s = open_served(&root).unwrap();
+    assert!(ready_ids(&snaps, &records, 2).contains(&left));
+    s.prepare("e", "d", no_labels()).unwrap();
+    s.prepare("f", "d", no_labels()).unwrap();
+    let used = [s.id_of("e").unwrap(), s.id_of("f").unwrap()];
+    assert!(used.contains(&left), "{used:?}");
+    assert_eq!(
+        std::fs::read(snaps.join(format!("{a}/fs/f"))).unwrap(),
+        b"data"
+    );
+    drop(s);
+    // The CLI shares a store: one left by a killed server is a leftover to it, swept at open.
+    std::fs::create_dir_all(snaps.join("999/fs")).unwrap();
+    std::fs::create_dir(snaps.join("999/work")).unwrap();
+    let _s = Snapshotter::open(&root, Mode::Overlay).unwrap();
+    assert!(!snaps.join("999").exists());
+}
