@@ -24,8 +24,10 @@ use fuser::{
 use nix::sys::stat::FileStat;
 use strata_overlay::whiteout::is_overlay_xattr;
 
+use crate::evict::Evict;
+use crate::ino::Inos;
 use crate::layer::{Resolved, Stack};
-use crate::node::Nodes;
+use crate::node::{Nodes, ROOT};
 
 /// How long the kernel may cache entries and attributes: the lower layers never change under a
 /// mount, so a second is safe and saves most repeated lookups.
@@ -86,6 +88,13 @@ struct OpenDir {
     list: Mutex<Option<Arc<Listing>>>,
 }
 
+/// An open directory's listing: its path, and each entry's name, inode number, type and (but
+/// for "." and "..") attributes.
+struct Listing {
+    dir: PathBuf,
+    entries: Vec<(std::ffi::OsString, u64, FileType, Option<FileStat>)>,
+}
+
 /// The union filesystem served over FUSE.
 pub struct Union {
     stack: Stack,
@@ -95,7 +104,10 @@ pub struct Union {
     dirs: std::sync::RwLock<crate::pathmap::PathMap<Resolved>>,
     generation: AtomicU64,
     upper: Option<crate::ops::Upper>,
-    nodes: Nodes,
+    /// The nodes the kernel holds, numbered by `inos`, kept under a cap by `evict`.
+    nodes: Arc<Nodes>,
+    inos: Arc<Inos>,
+    evict: Arc<Evict>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     /// The kernel caches writes (FUSE's writeback cache, asked for at init when writable):
@@ -144,15 +156,6 @@ fn file_type(mode: u32) -> FileType {
     }
 }
 
-/// An open directory: each entry's name, node, type and (but for "." and "..") attributes.
-type Listing = Vec<(std::ffi::OsString, u64, FileType, Option<FileStat>)>;
-
-/// A non-directory with several links: its identity, under which all its names are one node.
-fn linked(st: &FileStat) -> Option<(u64, u64)> {
-    (st.st_mode & libc::S_IFMT != libc::S_IFDIR && st.st_nlink > 1)
-        .then_some((st.st_dev, st.st_ino))
-}
-
 fn attr(ino: u64, st: &FileStat) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
@@ -177,11 +180,13 @@ impl Union {
     /// A read-only union over `stack`.
     pub fn new(stack: Stack) -> Union {
         Union {
+            inos: Arc::new(Inos::new(&stack)),
             stack,
             dirs: Default::default(),
             generation: AtomicU64::new(0),
             upper: None,
-            nodes: Nodes::new(),
+            nodes: Arc::new(Nodes::new()),
+            evict: Arc::new(Evict::new(crate::evict::DEFAULT_CAP)),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             writeback: false,
@@ -195,8 +200,36 @@ impl Union {
     pub fn writable(stack: Stack, work: PathBuf) -> Union {
         let upper = stack.layers()[0].root.clone();
         let mut u = Union::new(stack);
-        u.upper = Some(crate::ops::Upper::new(upper, work));
+        u.upper = Some(crate::ops::Upper::new(upper, work, u.inos.clone()));
         u
+    }
+
+    /// Keeps at most about `cap` nodes: past it, the kernel is asked to drop its least recently
+    /// used entries (see [`crate::evict`]). Takes effect when served with [`spawn`].
+    pub fn with_node_cap(mut self, cap: usize) -> Union {
+        self.evict = Arc::new(Evict::new(cap));
+        self
+    }
+
+    /// What the union holds, readable while it is served.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            nodes: self.nodes.clone(),
+            inos: self.inos.clone(),
+        }
+    }
+
+    /// The kernel was answered with node `id` for `path`: one more reference, and the cap
+    /// checked.
+    fn looked_up(&self, path: &Path, id: u64) {
+        self.nodes.looked_up(path, id);
+        self.evict.check(self.nodes.len());
+    }
+
+    /// The attributes of node `id` from `st`: its inode number is its id, but for the root's
+    /// (node 1 to the kernel, numbered after its directory to everyone else).
+    fn attr_for(&self, id: u64, st: &FileStat) -> FileAttr {
+        attr(if id == ROOT { self.inos.of(st) } else { id }, st)
     }
 
     /// The upper, for a change: the returned guard notes the paths the change touches, and
@@ -325,7 +358,9 @@ impl Union {
     /// The entry reply for `rel`, just made in the upper by a change.
     fn entry_of(&self, rel: &Path) -> Result<FileAttr, Errno> {
         let st = self.upper_entry(rel)?;
-        Ok(attr(self.nodes.number_of(rel, linked(&st)), &st))
+        let id = self.inos.of(&st);
+        self.looked_up(rel, id);
+        Ok(attr(id, &st))
     }
 
     /// The `lstat` of `rel`, just made in the upper: the top layer, so what the merged view
@@ -354,19 +389,23 @@ impl Union {
             Resolved::Dir { .. } => {
                 let st = nix::sys::stat::lstat(&self.real(path, r))
                     .map_err(|e| Errno::from_i32(e as i32))?;
-                Ok(attr(ino, &st))
+                Ok(self.attr_for(ino, &st))
             }
-            Resolved::File { stat, .. } => Ok(attr(ino, stat)),
+            Resolved::File { stat, .. } => Ok(self.attr_for(ino, stat)),
         }
     }
 
-    /// Copies `path` up; a hard-linked file keeps its node under its upper identity (copy-up
-    /// links all its names in the upper).
+    /// Copies `path` up (its inode number stays, see [`crate::ino`]).
     fn copy_up(&self, up: &crate::ops::Upper, path: &Path) -> Result<(), Errno> {
-        if let Some(copy) = up.copy_up(&self.stack, path)? {
-            self.nodes.same_file(copy, self.nodes.number(path));
+        up.copy_up(&self.stack, path)
+    }
+
+    /// The upper entry `st` describes is about to be deleted: if it is its file's last link,
+    /// its inode number may go to a new file, which must not show the copy's origin.
+    fn deleting(&self, st: &FileStat) {
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR || st.st_nlink <= 1 {
+            self.inos.gone(st.st_dev, st.st_ino);
         }
-        Ok(())
     }
 
     /// The real path holding `path` in the merged view.
@@ -501,25 +540,27 @@ impl Union {
         }
     }
 
-    /// The merged listing of directory node `ino`, each entry numbered.
+    /// The merged listing of directory node `ino`, each entry numbered (hard links alike).
     fn read_listing(&self, ino: u64) -> Result<Listing, Errno> {
         let (path, r) = self.resolve(ino)?;
-        let Resolved::Dir { layers, .. } = r else {
+        let Resolved::Dir { layers, stat } = &r else {
             return Err(Errno::ENOTDIR);
         };
-        let names = self.stack.read_dir(&layers, &path).map_err(errno)?;
-        let parent = path
-            .parent()
-            .map_or(crate::node::ROOT, |p| self.nodes.number(p));
-        let mut list = Vec::with_capacity(names.len() + 2);
-        list.push((".".into(), ino, FileType::Directory, None));
-        list.push(("..".into(), parent, FileType::Directory, None));
+        let names = self.stack.read_dir(layers, &path).map_err(errno)?;
+        let here = if ino == ROOT { self.inos.of(stat) } else { ino };
+        // The root's ".." is itself.
+        let parent = match path.parent() {
+            Some(p) => self.resolve_path(p).map(|r| self.inos.of(r.stat()))?,
+            None => here,
+        };
+        let mut entries = Vec::with_capacity(names.len() + 2);
+        entries.push((".".into(), here, FileType::Directory, None));
+        entries.push(("..".into(), parent, FileType::Directory, None));
         for (name, e) in names {
-            // A hard-linked file's number is its node's, whatever name this is.
-            let n = self.nodes.number_of(&path.join(&name), linked(&e.stat));
-            list.push((name, n, file_type(e.kind()), Some(e.stat)));
+            let n = self.inos.of(&e.stat);
+            entries.push((name, n, file_type(e.kind()), Some(e.stat)));
         }
-        Ok(list)
+        Ok(Listing { dir: path, entries })
     }
 
     fn xattr_names(&self, real: &Path) -> std::io::Result<Vec<u8>> {
@@ -588,9 +629,9 @@ impl fuser::Filesystem for Union {
                 .stack
                 .lookup(&layers, &ppath, name)
                 .ok_or(Errno::ENOENT)?;
-            let path = ppath.join(name);
-            let ino = self.nodes.number_of(&path, linked(child.stat()));
-            Ok(attr(ino, child.stat()))
+            let id = self.inos.of(child.stat());
+            self.looked_up(&ppath.join(name), id);
+            Ok(attr(id, child.stat()))
         })();
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -602,7 +643,7 @@ impl fuser::Filesystem for Union {
         // An open file answers for itself, even unlinked.
         if let Some(f) = fh.and_then(|fh| self.file(fh.0)) {
             return match nix::sys::stat::fstat(&*f) {
-                Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+                Ok(st) => reply.attr(&TTL, &self.attr_for(ino.0, &st)),
                 Err(e) => reply.error(Errno::from_i32(e as i32)),
             };
         }
@@ -615,7 +656,7 @@ impl fuser::Filesystem for Union {
             // the node answers (link count 0, as on kernel overlay).
             Err(e) => match self.open_file_of(ino.0) {
                 Some(f) => match nix::sys::stat::fstat(&*f) {
-                    Ok(st) => reply.attr(&TTL, &attr(ino.0, &st)),
+                    Ok(st) => reply.attr(&TTL, &self.attr_for(ino.0, &st)),
                     Err(e) => reply.error(Errno::from_i32(e as i32)),
                 },
                 None => reply.error(e),
@@ -788,7 +829,7 @@ impl fuser::Filesystem for Union {
                 .map_err(|e| Errno::from_i32(e as i32))?;
             }
             let st = nix::sys::stat::lstat(&real).map_err(|e| Errno::from_i32(e as i32))?;
-            Ok(attr(ino.0, &st))
+            Ok(self.attr_for(ino.0, &st))
         })();
         match r {
             Ok(a) => reply.attr(&TTL, &a),
@@ -870,6 +911,7 @@ impl fuser::Filesystem for Union {
                 return Err(Errno::EISDIR);
             }
             if r.layer() == 0 {
+                self.deleting(r.stat());
                 std::fs::remove_file(up.root.join(&rel)).map_err(errno)?;
             }
             if self.fresh(&rel).is_some() {
@@ -892,7 +934,7 @@ impl fuser::Filesystem for Union {
             let (up, mut w) = self.upper()?;
             let rel = self.child(parent.0, name)?;
             w.touch(&rel);
-            let Resolved::Dir { layers, .. } = self.fresh(&rel).ok_or(Errno::ENOENT)? else {
+            let Resolved::Dir { layers, stat } = self.fresh(&rel).ok_or(Errno::ENOENT)? else {
                 return Err(Errno::ENOTDIR);
             };
             if !self
@@ -904,6 +946,7 @@ impl fuser::Filesystem for Union {
                 return Err(Errno::ENOTEMPTY);
             }
             if layers[0] == 0 {
+                self.deleting(&stat);
                 up.remove_dir(&up.root.join(&rel))?;
             }
             if self.fresh(&rel).is_some() {
@@ -999,10 +1042,14 @@ impl fuser::Filesystem for Union {
             }
             let had_whiteout = up.clear_whiteout(&to)?;
             let real_to = up.root.join(&to);
-            if let Some(Resolved::Dir { layers, .. }) = &dst {
-                if layers[0] == 0 {
+            match &dst {
+                Some(d @ Resolved::Dir { layers, .. }) if layers[0] == 0 => {
+                    self.deleting(d.stat());
                     up.remove_dir(&real_to)?;
                 }
+                // Replaced by the rename below.
+                Some(d @ Resolved::File { layer: 0, .. }) => self.deleting(d.stat()),
+                _ => {}
             }
             std::fs::rename(up.root.join(&from), &real_to).map_err(errno)?;
             // A directory now standing where lower content is must hide it.
@@ -1037,10 +1084,9 @@ impl fuser::Filesystem for Union {
             let (rel, _) = self.new_name(newparent.0, newname)?;
             w.touch(&rel);
             std::fs::hard_link(up.root.join(&path), up.root.join(&rel)).map_err(errno)?;
-            self.nodes.add_name(&rel, ino.0);
             let m = self.upper_entry(&rel)?;
-            self.nodes.same_file((m.st_dev, m.st_ino), ino.0);
-            // Both names are one inode: reply with the linked node's number.
+            // Both names are one inode, whose number the copy-up kept: the linked node's.
+            self.looked_up(&rel, ino.0);
             Ok(attr(ino.0, &m))
         })();
         match r {
@@ -1223,7 +1269,7 @@ impl fuser::Filesystem for Union {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        for (i, (name, n, kind, _)) in list.iter().enumerate().skip(offset as usize) {
+        for (i, (name, n, kind, _)) in list.entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*n), (i + 1) as u64, *kind, name) {
                 break;
             }
@@ -1233,6 +1279,7 @@ impl fuser::Filesystem for Union {
 
     /// readdir with each entry's attributes: `ls -l`, `find` and `stat` over a listing need no
     /// lookup per entry. "." and ".." are listed without attributes (the kernel skips them).
+    /// The kernel takes a reference to every other entry sent, as for a lookup.
     fn readdirplus(
         &self,
         _req: &Request,
@@ -1245,10 +1292,12 @@ impl fuser::Filesystem for Union {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        for (i, (name, n, _, st)) in list.iter().enumerate().skip(offset as usize) {
+        for (i, (name, n, _, st)) in list.entries.iter().enumerate().skip(offset as usize) {
             let Some(st) = st else {
                 continue; // "." and "..": the kernel looks nothing up for them
             };
+            let path = list.dir.join(name);
+            self.looked_up(&path, *n);
             if reply.add(
                 INodeNo(*n),
                 (i + 1) as u64,
@@ -1257,10 +1306,17 @@ impl fuser::Filesystem for Union {
                 &attr(*n, st),
                 Generation(0),
             ) {
+                // Did not fit: not sent, so not a reference.
+                self.nodes.forget(*n, 1);
                 break;
             }
         }
         reply.ok();
+    }
+
+    /// (fuser's `batch_forget` calls this for each node.)
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.nodes.forget(ino.0, nlookup);
     }
 
     fn fallocate(
@@ -1378,9 +1434,47 @@ pub fn serve_with(
     config: &fuser::Config,
     mounted: impl FnOnce(),
 ) -> std::io::Result<()> {
-    let session = fuser::spawn_mount2(union, mountpoint, config)?;
+    let session = spawn(union, mountpoint, config)?;
     mounted();
     ended(session.join())
+}
+
+/// Mounts `union` at `mountpoint` and serves it from background threads until it is unmounted
+/// or the returned session is dropped; the node table's cap is kept from here on.
+pub fn spawn(
+    union: Union,
+    mountpoint: &Path,
+    config: &fuser::Config,
+) -> std::io::Result<fuser::BackgroundSession> {
+    let (evict, nodes) = (union.evict.clone(), union.nodes.clone());
+    let session = fuser::Session::new(union, mountpoint, config)?;
+    evict.start(nodes, session.notifier());
+    session.spawn()
+}
+
+impl Drop for Union {
+    fn drop(&mut self) {
+        self.evict.close();
+    }
+}
+
+/// What a served union holds ([`Union::stats`]).
+#[derive(Clone)]
+pub struct Stats {
+    nodes: Arc<Nodes>,
+    inos: Arc<Inos>,
+}
+
+impl Stats {
+    /// Nodes the kernel holds (the root included).
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Copied-up files and dirs that keep their origin's inode number.
+    pub fn origins(&self) -> usize {
+        self.inos.origins()
+    }
 }
 
 /// A session's end: with several threads, the kernel aborts the connection of the ones still

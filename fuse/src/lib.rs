@@ -7,7 +7,10 @@
 //! # Layout
 //! - [`layer`]: the model of a stack of layer directories: lookup and merged listings with
 //!   overlayfs' rules, whiteouts and opaque directories in both the kernel and the OCI form.
-//! - [`node`]: the inode table (stable numbers per path for the mount's lifetime).
+//! - [`ino`]: the inode numbers shown (the backing files', a copy keeping its origin's), which
+//!   are also the FUSE node ids.
+//! - [`node`]: the node table: what the kernel holds, forgotten when the kernel forgets it.
+//! - [`evict`]: keeps the node table under a cap by asking the kernel to drop cold entries.
 //! - `pathmap`: maps keyed by merged-view paths, a subtree being one range.
 //! - [`ops`]: the upper's changes: copy-up through the work dir, whiteouts, opaque dirs.
 //! - [`fs`]: the `fuser::Filesystem` glue (read-only without an upper): resolved directories
@@ -18,7 +21,9 @@
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod evict;
 pub mod fs;
+pub mod ino;
 pub mod layer;
 pub mod mounts;
 pub mod node;

@@ -1,60 +1,83 @@
-//! The inode table: one node per path of the merged view, numbered on first lookup and kept
-//! for the mount's lifetime, so inode numbers are stable while mounted (as kernel overlay's are
-//! for a mount without `xino` games). Nodes are looked up by number on every request and by
-//! path on every lookup; both maps sit behind one `RwLock`, taken for writing only when a path
-//! is seen for the first time.
+//! The node table: the merged-view entries the kernel holds, by node id (the inode number the
+//! union shows, see [`crate::ino`]), each with the names it is reached by and how many times
+//! the kernel has looked it up. A node goes when the kernel forgets it (FORGET), so the table
+//! holds what the kernel's caches hold and no more; [`Nodes::coldest`] names the least recently
+//! used ones, which the union asks the kernel to drop when the table grows past its cap.
 //!
-//! Hard links: a non-directory with several links is one node whatever name it is reached by.
-//! Its first name is the node's path; further names are aliases, found by the file's
-//! `(st_dev, st_ino)` when first looked up, and one of them takes over when the path is
-//! unlinked. After a copy-up moves a linked file to the upper, [`Nodes::same_file`] ties the
-//! upper inode to the node, so names looked up later still find it.
+//! Nodes are found by id on every request and by path when a path is renamed or deleted; both
+//! maps sit behind one `RwLock`, taken for writing only when a node or a name is new or goes.
+//! Lookup counts and use stamps are atomics, so a lookup of a known name takes the read lock.
+//!
+//! Hard links: every name of a file has the file's number, so the names are one node. Its
+//! first name is the node's path; further names are aliases, and one of them takes over when
+//! the path is unlinked.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+pub use crate::ino::ROOT;
 use crate::pathmap::PathMap;
 
-/// The root's node number (FUSE's `FUSE_ROOT_ID`).
-pub const ROOT: u64 = 1;
+struct Node {
+    /// The name requests on the node go through.
+    path: PathBuf,
+    /// Its other names (hard links).
+    aliases: Vec<PathBuf>,
+    /// False once every name is gone (deleted, still open): `path` is its last name.
+    named: bool,
+    /// The kernel's references (lookups not yet forgotten).
+    lookups: AtomicU64,
+    /// When it was last looked up, on the table's clock.
+    used: AtomicU64,
+}
 
 #[derive(Default)]
 struct Table {
-    paths: Vec<PathBuf>,
-    /// Ordered so that a path's subtree is one range.
+    nodes: HashMap<u64, Node>,
+    /// Every name -> node, ordered so that a path's subtree is one range.
     by_path: PathMap<u64>,
-    /// Linked files' `(st_dev, st_ino)` -> node.
-    by_file: HashMap<(u64, u64), u64>,
-    /// Node -> the `by_file` keys pointing at it.
-    files: HashMap<u64, Vec<(u64, u64)>>,
-    /// Node -> its names besides `paths[n]`.
-    aliases: HashMap<u64, Vec<PathBuf>>,
 }
 
 impl Table {
-    /// `p`, a name of node `n`, is gone: another name takes over, or the node is nameless (its
-    /// file identities are dropped, so a reused inode number cannot find it).
+    /// `p`, a name of node `n`, is gone: another name takes over, or the node is nameless.
     fn unname(&mut self, p: &Path, n: u64) {
-        let aliases = self.aliases.entry(n).or_default();
-        aliases.retain(|a| a != p);
-        if self.paths[n as usize] == p {
-            match aliases.pop() {
-                Some(next) => self.paths[n as usize] = next,
-                None => {
-                    self.aliases.remove(&n);
-                    for k in self.files.remove(&n).unwrap_or_default() {
-                        self.by_file.remove(&k);
-                    }
-                }
+        let Some(node) = self.nodes.get_mut(&n) else {
+            return;
+        };
+        node.aliases.retain(|a| a != p);
+        if node.path == p {
+            match node.aliases.pop() {
+                Some(next) => node.path = next,
+                None => node.named = false,
             }
+        }
+    }
+
+    /// `p` names node `n` now (a name it had elsewhere is dropped first by the caller).
+    fn name(&mut self, p: &Path, n: u64) {
+        if let Some(old) = self.by_path.insert(p, n) {
+            if old != n {
+                self.unname(p, old);
+            }
+        }
+        let node = self.nodes.get_mut(&n).expect("named nodes exist");
+        if !node.named {
+            node.path = p.to_path_buf();
+            node.named = true;
+        } else if node.path != p && !node.aliases.iter().any(|a| a == p) {
+            node.aliases.push(p.to_path_buf());
         }
     }
 }
 
-/// Node numbers <-> relative paths in the merged view.
+/// Node ids <-> relative paths in the merged view.
 pub struct Nodes {
     table: RwLock<Table>,
+    clock: AtomicU64,
+    /// `table.nodes.len()`, readable without the lock.
+    count: AtomicUsize,
 }
 
 impl Default for Nodes {
@@ -64,96 +87,143 @@ impl Default for Nodes {
 }
 
 impl Nodes {
-    /// A table holding only the root (number 1, the empty path).
+    /// A table holding only the root (node [`ROOT`], the empty path), never forgotten.
     pub fn new() -> Nodes {
         let mut t = Table::default();
-        // Index 0 is unused so that node numbers are indexes.
-        t.paths.push(PathBuf::new());
-        t.paths.push(PathBuf::new());
+        t.nodes.insert(
+            ROOT,
+            Node {
+                path: PathBuf::new(),
+                aliases: Vec::new(),
+                named: true,
+                lookups: AtomicU64::new(1),
+                used: AtomicU64::new(0),
+            },
+        );
         t.by_path.insert(Path::new(""), ROOT);
         Nodes {
             table: RwLock::new(t),
+            clock: AtomicU64::new(1),
+            count: AtomicUsize::new(1),
         }
     }
 
-    /// The path of node `ino`, if it exists.
-    pub fn path(&self, ino: u64) -> Option<PathBuf> {
-        let t = self.table.read().unwrap_or_else(|p| p.into_inner());
-        (ino >= ROOT)
-            .then(|| t.paths.get(ino as usize).cloned())
-            .flatten()
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The number of `path`, given one on first sight.
-    pub fn number(&self, path: &Path) -> u64 {
-        self.number_of(path, None)
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The number of `path` whose entry is the file `(st_dev, st_ino)` when it is a
-    /// non-directory with more than one link: another name of the same file has its number.
-    pub fn number_of(&self, path: &Path, linked: Option<(u64, u64)>) -> u64 {
-        if let Some(&n) = self
-            .table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_path
-            .get(path)
+    /// The path of node `id`, if the kernel still holds it.
+    pub fn path(&self, id: u64) -> Option<PathBuf> {
+        self.read().nodes.get(&id).map(|n| n.path.clone())
+    }
+
+    /// The node `path` names, if the kernel holds one for it.
+    pub fn id(&self, path: &Path) -> Option<u64> {
+        self.read().by_path.get(path).copied()
+    }
+
+    /// The kernel has looked `path` up and been answered with node `id` (a lookup, or an
+    /// entry made or listed with its attributes): one more reference.
+    pub fn looked_up(&self, path: &Path, id: u64) {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
         {
-            return n;
-        }
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(&n) = t.by_path.get(path) {
-            return n;
-        }
-        if let Some(&n) = linked.and_then(|k| t.by_file.get(&k)) {
-            t.by_path.insert(path, n);
-            t.aliases.entry(n).or_default().push(path.to_path_buf());
-            return n;
-        }
-        let n = t.paths.len() as u64;
-        t.paths.push(path.to_path_buf());
-        t.by_path.insert(path, n);
-        if let Some(k) = linked {
-            t.by_file.insert(k, n);
-            t.files.entry(n).or_default().push(k);
-        }
-        n
-    }
-
-    /// `path` is a new name of node `n` (a hard link made through the mount).
-    pub fn add_name(&self, path: &Path, n: u64) {
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = t.by_path.insert(path, n) {
-            if old != n {
-                t.unname(path, old);
+            let t = self.read();
+            if t.by_path.get(path) == Some(&id) {
+                let n = &t.nodes[&id];
+                n.lookups.fetch_add(1, Ordering::Relaxed);
+                n.used.store(now, Ordering::Relaxed);
+                return;
             }
         }
-        t.aliases.entry(n).or_default().push(path.to_path_buf());
+        let mut t = self.write();
+        match t.nodes.get(&id) {
+            Some(n) => {
+                n.lookups.fetch_add(1, Ordering::Relaxed);
+                n.used.store(now, Ordering::Relaxed);
+            }
+            None => {
+                t.nodes.insert(
+                    id,
+                    Node {
+                        path: path.to_path_buf(),
+                        aliases: Vec::new(),
+                        named: false,
+                        lookups: AtomicU64::new(1),
+                        used: AtomicU64::new(now),
+                    },
+                );
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        t.name(path, id);
     }
 
-    /// The file `(st_dev, st_ino)` is node `n` too (its copy in the upper, after a copy-up).
-    pub fn same_file(&self, key: (u64, u64), n: u64) {
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        t.by_file.insert(key, n);
-        t.files.entry(n).or_default().push(key);
+    /// The kernel dropped `n` references to node `id` (FORGET); with the last one the node
+    /// goes, and its names with it. The root stays.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT {
+            return;
+        }
+        {
+            let t = self.read();
+            let Some(node) = t.nodes.get(&id) else {
+                return;
+            };
+            // The kernel never forgets more than it was given; a saturated count still goes.
+            let before = node
+                .lookups
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                    Some(l.saturating_sub(n))
+                })
+                .expect("the closure always returns Some");
+            if before > n {
+                return;
+            }
+        }
+        let mut t = self.write();
+        // Looked up again meanwhile: it stays.
+        if t.nodes
+            .get(&id)
+            .is_none_or(|n| n.lookups.load(Ordering::Relaxed) > 0)
+        {
+            return;
+        }
+        let node = t.nodes.remove(&id).expect("checked above");
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        for p in std::iter::once(&node.path).chain(node.aliases.iter()) {
+            if t.by_path.get(p) == Some(&id) {
+                t.by_path.remove(p);
+            }
+        }
     }
 
-    /// Forgets the number of `path` (it was deleted): a new entry there gets a new number, so an
-    /// open file of the old one is not mistaken for it.
+    /// `path` is a new name of node `id` (a hard link made through the mount).
+    pub fn add_name(&self, path: &Path, id: u64) {
+        let mut t = self.write();
+        if t.nodes.contains_key(&id) {
+            t.name(path, id);
+        }
+    }
+
+    /// `path` and everything below it were deleted: their names go (nodes still open keep
+    /// their last name, for requests through their open files).
     pub fn forget_path(&self, path: &Path) {
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        for (p, _) in t.by_path.subtree(path) {
-            if let Some(n) = t.by_path.remove(&p) {
-                t.unname(&p, n);
-            }
+        let mut t = self.write();
+        for (p, n) in t.by_path.subtree(path) {
+            t.by_path.remove(&p);
+            t.unname(&p, n);
         }
     }
 
-    /// Moves `from` (and everything below it) to `to`, keeping the numbers: the kernel goes on
+    /// Moves `from` (and everything below it) to `to`, keeping the ids: the kernel goes on
     /// naming the moved inodes by them.
     pub fn rename(&self, from: &Path, to: &Path) {
         self.forget_path(to);
-        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.write();
         for (p, n) in t.by_path.subtree(from) {
             let rest = p.strip_prefix(from).expect("filtered by prefix");
             // `join("")` would add a trailing slash, which no longer names a file.
@@ -164,29 +234,40 @@ impl Nodes {
             };
             t.by_path.remove(&p);
             t.by_path.insert(&new, n);
-            if t.paths[n as usize] == p {
-                t.paths[n as usize] = new;
-            } else if let Some(a) = t
-                .aliases
-                .get_mut(&n)
-                .and_then(|v| v.iter_mut().find(|a| **a == p))
-            {
-                *a = new;
+            if let Some(node) = t.nodes.get_mut(&n) {
+                if node.path == p {
+                    node.path = new;
+                } else if let Some(a) = node.aliases.iter_mut().find(|a| **a == p) {
+                    *a = new;
+                }
             }
         }
     }
 
-    /// How many nodes exist (the root included).
-    pub fn len(&self) -> usize {
-        self.table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .paths
-            .len()
-            - 1
+    /// The paths of the `k` least recently looked-up nodes (never the root): what to ask the
+    /// kernel to drop when the table is over its cap.
+    pub fn coldest(&self, k: usize) -> Vec<PathBuf> {
+        let t = self.read();
+        let mut all: Vec<(u64, &Node)> = t
+            .nodes
+            .iter()
+            .filter(|(id, n)| **id != ROOT && n.named)
+            .map(|(_, n)| (n.used.load(Ordering::Relaxed), n))
+            .collect();
+        let k = k.min(all.len());
+        if k == 0 {
+            return Vec::new();
+        }
+        all.select_nth_unstable_by_key(k - 1, |(used, _)| *used);
+        all[..k].iter().map(|(_, n)| n.path.clone()).collect()
     }
 
-    /// True when only the root exists.
+    /// How many nodes the kernel holds (the root included).
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// True when only the root is held.
     pub fn is_empty(&self) -> bool {
         self.len() <= 1
     }
@@ -196,79 +277,84 @@ impl Nodes {
 mod tests {
     use super::*;
 
-    #[test]
-    fn numbers_are_stable_and_unique() {
-        let n = Nodes::new();
-        assert_eq!(n.number(Path::new("")), ROOT);
-        let a = n.number(Path::new("a"));
-        let b = n.number(Path::new("a/b"));
-        assert_ne!(a, b);
-        assert_eq!(n.number(Path::new("a")), a);
-        assert_eq!(n.path(b).unwrap(), Path::new("a/b"));
-        assert!(n.path(0).is_none() && n.path(99).is_none());
-        assert_eq!(n.len(), 3);
-        n.rename(Path::new("a"), Path::new("x/y"));
-        assert_eq!(n.path(a).unwrap(), Path::new("x/y"));
-        assert_eq!(n.path(b).unwrap(), Path::new("x/y/b"));
-        assert_eq!(n.number(Path::new("x/y")), a);
-        n.forget_path(Path::new("x"));
-        assert_ne!(
-            n.number(Path::new("x/y")),
-            a,
-            "a deleted path's number is not reused"
-        );
+    fn p(s: &str) -> &Path {
+        Path::new(s)
     }
 
     #[test]
-    fn renames_and_forgets_take_exactly_the_subtree() {
+    fn nodes_live_as_long_as_the_kernel_holds_them() {
+        let n = Nodes::new();
+        n.looked_up(p("a"), 10);
+        n.looked_up(p("a"), 10);
+        n.looked_up(p("a/b"), 11);
+        assert_eq!(n.len(), 3);
+        assert_eq!(n.path(11).unwrap(), p("a/b"));
+        assert_eq!(n.id(p("a")), Some(10));
+        n.forget(10, 1);
+        assert_eq!(n.path(10).unwrap(), p("a"), "one reference is left");
+        n.forget(10, 1);
+        assert!(
+            n.path(10).is_none() && n.id(p("a")).is_none(),
+            "the last one is gone"
+        );
+        n.looked_up(p("a"), 10);
+        assert_eq!(n.path(10).unwrap(), p("a"), "a later lookup makes it again");
+        n.forget(ROOT, 5);
+        assert_eq!(n.path(ROOT).unwrap(), p(""), "the root stays");
+        n.forget(99, 1);
+    }
+
+    #[test]
+    fn renames_and_deletions_take_exactly_the_subtree() {
         let n = Nodes::new();
         let names = ["a", "a/b", "a/b/c", "a-b", "a.b", "ab", "a/z", "a0", "b"];
-        let nums: Vec<u64> = names.iter().map(|p| n.number(Path::new(p))).collect();
-        n.rename(Path::new("a"), Path::new("m"));
-        for (p, want) in [("m", nums[0]), ("m/b/c", nums[2]), ("m/z", nums[6])] {
-            assert_eq!(n.number(Path::new(p)), want, "{p} moved with its parent");
+        for (i, name) in names.iter().enumerate() {
+            n.looked_up(p(name), 100 + i as u64);
+        }
+        n.rename(p("a"), p("m"));
+        for (path, want) in [("m", 100), ("m/b/c", 102), ("m/z", 106)] {
+            assert_eq!(n.id(p(path)), Some(want), "{path} moved with its parent");
         }
         for i in [3, 4, 5, 7, 8] {
-            let p = names[i];
-            assert_eq!(n.path(nums[i]).unwrap(), Path::new(p), "{p} is not below a");
+            assert_eq!(n.path(100 + i as u64).unwrap(), p(names[i]), "not below a");
         }
-        n.forget_path(Path::new("m"));
-        assert!(
-            n.path(nums[1]).unwrap() == Path::new("m/b"),
-            "a forgotten node keeps its last name"
+        n.forget_path(p("m"));
+        assert_eq!(
+            n.path(101).unwrap(),
+            p("m/b"),
+            "a deleted node keeps its last name"
         );
-        assert_ne!(n.number(Path::new("m/b")), nums[1]);
-        assert_eq!(n.number(Path::new("a-b")), nums[3]);
-        assert_eq!(n.number(Path::new("ab")), nums[5]);
+        assert_eq!(n.id(p("m/b")), None);
+        assert_eq!(n.id(p("a-b")), Some(103));
     }
 
     #[test]
-    fn hard_links_share_a_node_that_outlives_its_first_name() {
+    fn hard_links_are_one_node_that_outlives_its_first_name() {
         let n = Nodes::new();
-        let f = Some((7, 42));
-        let a = n.number_of(Path::new("d/a"), f);
-        let b = n.number_of(Path::new("b"), f);
-        assert_eq!(a, b, "two names of one file are one node");
-        assert_ne!(n.number_of(Path::new("c"), Some((7, 43))), a);
-        n.forget_path(Path::new("d"));
-        assert_eq!(
-            n.path(a).unwrap(),
-            Path::new("b"),
-            "the other name takes over"
-        );
-        n.rename(Path::new("b"), Path::new("e"));
-        assert_eq!(n.path(a).unwrap(), Path::new("e"));
-        n.same_file((8, 1), a);
-        assert_eq!(n.number_of(Path::new("up"), Some((8, 1))), a);
-        n.forget_path(Path::new("e"));
-        assert_eq!(n.path(a).unwrap(), Path::new("up"));
-        n.forget_path(Path::new("up"));
-        assert_ne!(
-            n.number_of(Path::new("new"), Some((8, 1))),
-            a,
-            "a nameless node's inode identity is dropped"
-        );
-        n.add_name(Path::new("x"), b);
-        assert_eq!(n.number(Path::new("x")), b);
+        n.looked_up(p("d/a"), 42);
+        n.looked_up(p("b"), 42);
+        assert_eq!(n.len(), 2, "two names of one file are one node");
+        n.forget_path(p("d"));
+        assert_eq!(n.path(42).unwrap(), p("b"), "the other name takes over");
+        n.rename(p("b"), p("e"));
+        assert_eq!(n.path(42).unwrap(), p("e"));
+        n.add_name(p("x"), 42);
+        assert_eq!(n.id(p("x")), Some(42));
+        n.forget(42, 2);
+        assert_eq!(n.id(p("x")), None, "all its names go with it");
+        assert_eq!(n.id(p("e")), None);
+    }
+
+    #[test]
+    fn the_coldest_are_the_least_recently_looked_up() {
+        let n = Nodes::new();
+        for i in 0..10u64 {
+            n.looked_up(Path::new(&format!("f{i}")), 100 + i);
+        }
+        n.looked_up(p("f0"), 100);
+        let mut cold = n.coldest(3);
+        cold.sort();
+        assert_eq!(cold, [p("f1"), p("f2"), p("f3")]);
+        assert_eq!(n.coldest(100).len(), 10, "never the root");
     }
 }

@@ -4,7 +4,8 @@
 //! - **copy-up**: before a lower entry is changed, it is copied into the upper: parents first
 //!   (directories with their owner, mode, times and xattrs), then the entry itself, built in the
 //!   work dir and renamed into place, so a crash never leaves half a file visible; data moves
-//!   with `copy_file_range` (a reflink where the filesystem has them);
+//!   with `copy_file_range` (a reflink where the filesystem has them); every copy keeps showing
+//!   its origin's inode number (see [`crate::ino`]);
 //! - **deletion** of a name a lower layer still shows writes a whiteout (char 0:0; where the
 //!   caller may not make devices, the `.wh.NAME` form);
 //! - a directory made where a whiteout was is **opaque**, so the lower one stays hidden;
@@ -16,12 +17,14 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fuser::Errno;
 use nix::sys::stat::{Mode, SFlag};
 use strata_overlay::whiteout::{OPAQUE_VALUE, XattrNs, is_overlay_xattr};
 
+use crate::ino::Inos;
 use crate::layer::{Resolved, Stack, whiteout_name};
 
 /// A char 0:0: a whiteout in the kernel's form.
@@ -45,12 +48,14 @@ pub struct Upper {
     pub work: PathBuf,
     /// Where opaque markers go: `trusted.` as root, `user.` otherwise.
     pub ns: XattrNs,
+    /// The union's inode numbers: copies are noted there.
+    inos: Arc<Inos>,
     counter: AtomicU64,
 }
 
 impl Upper {
-    /// The upper `root` with its `work` dir.
-    pub fn new(root: PathBuf, work: PathBuf) -> Upper {
+    /// The upper `root` with its `work` dir; copies are noted in `inos`.
+    pub fn new(root: PathBuf, work: PathBuf, inos: Arc<Inos>) -> Upper {
         let ns = if nix::unistd::geteuid().is_root() {
             XattrNs::Trusted
         } else {
@@ -60,6 +65,7 @@ impl Upper {
             root,
             work,
             ns,
+            inos,
             counter: AtomicU64::new(0),
         }
     }
@@ -141,30 +147,40 @@ impl Upper {
             let meta = std::fs::symlink_metadata(&src).map_err(errno)?;
             let tmp = self.tmp();
             std::fs::create_dir(&tmp).map_err(errno)?;
-            copy_meta(&src, &tmp, &meta)?;
-            std::fs::rename(&tmp, &here).map_err(|e| {
+            let made = copy_meta(&src, &tmp, &meta)
+                .and_then(|()| self.note_copy(&meta, &tmp))
+                .and_then(|()| std::fs::rename(&tmp, &here).map_err(errno));
+            if let Err(e) = made {
                 let _ = std::fs::remove_dir(&tmp);
-                errno(e)
-            })?;
+                return Err(e);
+            }
         }
         Ok(())
     }
 
+    /// `copy` (about to be renamed into place) is a copy of the entry `source` describes: it
+    /// shows `source`'s inode number from now on.
+    fn note_copy(&self, source: &std::fs::Metadata, copy: &Path) -> Result<(), Errno> {
+        let c = std::fs::symlink_metadata(copy).map_err(errno)?;
+        self.inos
+            .copied((source.dev(), source.ino()), (c.dev(), c.ino()));
+        Ok(())
+    }
+
     /// Copies `rel` up into the upper if it is not there yet (directories: the directory
-    /// itself, not its contents). For a hard-linked file copied now, the copy's
-    /// `(st_dev, st_ino)`: all its names are that file from now on.
-    pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<Option<(u64, u64)>, Errno> {
+    /// itself, not its contents). A hard-linked file's other names are linked to the copy.
+    pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
         // Already in the upper (the top layer, so it is what the merged view shows): nothing to
         // do, and no walk through the layers to find that out.
         if std::fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| !is_whiteout(&m)) {
-            return Ok(None);
+            return Ok(());
         }
         let r = stack.resolve(rel).ok_or(Errno::ENOENT)?;
         if r.layer() == 0 {
-            return Ok(None);
+            return Ok(());
         }
         if let Resolved::Dir { .. } = r {
-            return self.ensure_dir(stack, rel).map(|()| None);
+            return self.ensure_dir(stack, rel);
         }
         if let Some(p) = rel.parent() {
             self.ensure_dir(stack, p)?;
@@ -189,6 +205,7 @@ impl Upper {
                 .map_err(nix_errno)?;
             }
             copy_meta(&src, &tmp, &meta)?;
+            self.note_copy(&meta, &tmp)?;
             std::fs::rename(&tmp, self.root.join(rel)).map_err(errno)
         })();
         if let Err(e) = made {
@@ -196,9 +213,9 @@ impl Upper {
             return Err(e);
         }
         if ft.is_file() && meta.nlink() > 1 {
-            return self.link_up(stack, r.layer(), rel, &meta).map(Some);
+            self.link_up(stack, r.layer(), rel, &meta)?;
         }
-        Ok(None)
+        Ok(())
     }
 
     /// After a copy-up of a hard-linked lower file: every other name the merged view still
@@ -210,7 +227,7 @@ impl Upper {
         layer: usize,
         rel: &Path,
         meta: &std::fs::Metadata,
-    ) -> Result<(u64, u64), Errno> {
+    ) -> Result<(), Errno> {
         for other in stack.link_names(layer, (meta.dev(), meta.ino())) {
             if other == rel {
                 continue;
@@ -225,8 +242,7 @@ impl Upper {
             }
             std::fs::hard_link(self.root.join(rel), self.root.join(&other)).map_err(errno)?;
         }
-        let copy = std::fs::symlink_metadata(self.root.join(rel)).map_err(errno)?;
-        Ok((copy.dev(), copy.ino()))
+        Ok(())
     }
 
     /// Copies the whole merged tree at `rel` (a directory) into the upper and marks the upper

@@ -157,7 +157,7 @@ proptest! {
         let s = Stack::new(roots.iter().map(|r| Layer { root: r.clone(), kind: LayerKind::Lower }).collect());
         let fuse_at = t.path().join("f");
         std::fs::create_dir(&fuse_at).unwrap();
-        let session = fuser::spawn_mount2(strata_fuse::Union::new(s.clone()), &fuse_at, &strata_fuse::fs::config("strata-test", 2, true)).unwrap();
+        let session = strata_fuse::fs::spawn(strata_fuse::Union::new(s.clone()), &fuse_at, &strata_fuse::fs::config("strata-test", 2, true)).unwrap();
         let mut fused = BTreeMap::new();
         walk_fs(&fuse_at, Path::new(""), &mut fused);
         strata_fuse::fs::ended(session.umount_and_join()).unwrap();
@@ -262,7 +262,7 @@ proptest! {
         let (fu, fw, fm) = (mk("fu"), mk("fw"), mk("fm"));
         let mut layers = vec![Layer { root: fu.clone(), kind: LayerKind::Upper }];
         layers.extend(flowers.iter().map(|r| Layer { root: r.clone(), kind: LayerKind::Lower }));
-        let session = fuser::spawn_mount2(strata_fuse::Union::writable(Stack::new(layers), fw.clone()), &fm, &strata_fuse::fs::config("strata-test", 2, false)).unwrap();
+        let session = strata_fuse::fs::spawn(strata_fuse::Union::writable(Stack::new(layers), fw.clone()), &fm, &strata_fuse::fs::config("strata-test", 2, false)).unwrap();
         for o in &ops {
             let (k, f) = (apply(&km, o), apply(&fm, o));
             if std::env::var_os("STRATA_FUSE_TRACE").is_some() {

@@ -9,16 +9,22 @@ use std::path::{Path, PathBuf};
 use strata_fuse::layer::{Layer, LayerKind, Stack};
 
 /// A FUSE union of one lower (filled by `fill`) under a fresh upper, unmounted on drop.
-struct Union {
+pub struct Union {
     _t: tempfile::TempDir,
-    lower: PathBuf,
-    upper: PathBuf,
-    at: PathBuf,
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub at: PathBuf,
+    pub stats: strata_fuse::fs::Stats,
     session: Option<fuser::BackgroundSession>,
 }
 
 impl Union {
-    fn new(fill: impl FnOnce(&Path)) -> Union {
+    pub fn new(fill: impl FnOnce(&Path)) -> Union {
+        Self::with_cap(fill, strata_fuse::evict::DEFAULT_CAP)
+    }
+
+    /// [`Union::new`] keeping at most about `cap` nodes.
+    pub fn with_cap(fill: impl FnOnce(&Path), cap: usize) -> Union {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the FUSE tests mount file systems: run them as root"
@@ -45,8 +51,10 @@ impl Union {
                 kind: LayerKind::Lower,
             },
         ]);
-        let session = fuser::spawn_mount2(
-            strata_fuse::Union::writable(stack, work),
+        let union = strata_fuse::Union::writable(stack, work).with_node_cap(cap);
+        let stats = union.stats();
+        let session = strata_fuse::fs::spawn(
+            union,
             &at,
             &strata_fuse::fs::config("strata-posix", 2, false),
         )
@@ -56,11 +64,12 @@ impl Union {
             lower,
             upper,
             at,
+            stats,
             session: Some(session),
         }
     }
 
-    fn p(&self, rel: &str) -> PathBuf {
+    pub fn p(&self, rel: &str) -> PathBuf {
         self.at.join(rel)
     }
 }

@@ -1,0 +1,113 @@
+//! Keeps the node table under its cap. The kernel holds an inode (and so a node here) for every
+//! entry in its dentry cache, which it shrinks only under memory pressure: a walk over a large
+//! tree would otherwise leave one node per entry seen. When the table passes its cap, a thread
+//! asks the kernel to drop the least recently looked-up entries (`FUSE_NOTIFY_INVAL_ENTRY`);
+//! the kernel lets go of those not in use (no open file, no working directory) and forgets
+//! their nodes, down to nine tenths of the cap.
+//!
+//! The notifications go from a thread of their own, never from a request's: the kernel takes
+//! the parent directory's lock to drop an entry, which a request in flight may be holding.
+
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fuser::INodeNo;
+
+use crate::node::{Nodes, ROOT};
+
+/// Nodes kept at most, by default: about 25 MiB of table.
+pub const DEFAULT_CAP: usize = 100_000;
+
+/// The cap and the evicting thread's wake-up.
+pub struct Evict {
+    cap: usize,
+    wake: Mutex<bool>,
+    cv: Condvar,
+    closed: AtomicBool,
+}
+
+impl Evict {
+    /// A cap of `cap` nodes (at least 16).
+    pub fn new(cap: usize) -> Evict {
+        Evict {
+            cap: cap.max(16),
+            wake: Mutex::new(false),
+            cv: Condvar::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The table holds `len` nodes: past the cap, the thread is woken.
+    pub fn check(&self, len: usize) {
+        if len > self.cap {
+            *self.wake.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.cv.notify_one();
+        }
+    }
+
+    /// Ends the thread (the union is going).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        *self.wake.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_one();
+    }
+
+    /// Starts the thread that keeps `nodes` under the cap, dropping entries through `notifier`.
+    pub fn start(self: &Arc<Self>, nodes: Arc<Nodes>, notifier: fuser::Notifier) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("strata-fuse-evict".into())
+            .spawn(move || me.run(&nodes, &notifier));
+        if let Err(e) = spawned {
+            tracing::warn!(%e, "no thread to cap the node table: it grows with what the kernel caches");
+        }
+    }
+
+    fn run(&self, nodes: &Nodes, notifier: &fuser::Notifier) {
+        let low = self.cap * 9 / 10;
+        loop {
+            {
+                let mut w = self.wake.lock().unwrap_or_else(|p| p.into_inner());
+                while !*w {
+                    w = self.cv.wait(w).unwrap_or_else(|p| p.into_inner());
+                }
+                *w = false;
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            // Rounds until under the low mark; a round that frees nothing (entries in use)
+            // waits a while before the next.
+            while nodes.len() > low && !self.closed.load(Ordering::SeqCst) {
+                let before = nodes.len();
+                for path in nodes.coldest(before - low) {
+                    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                        continue;
+                    };
+                    let parent = if parent.as_os_str().is_empty() {
+                        Some(ROOT)
+                    } else {
+                        nodes.id(parent)
+                    };
+                    if let Some(parent) = parent {
+                        drop_entry(notifier, parent, name);
+                    }
+                }
+                // The kernel's FORGETs come back through the request threads.
+                std::thread::sleep(Duration::from_millis(5));
+                if nodes.len() >= before {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
+fn drop_entry(notifier: &fuser::Notifier, parent: u64, name: &OsStr) {
+    if let Err(e) = notifier.inval_entry(INodeNo(parent), name) {
+        // Gone already (ENOENT is absorbed by fuser), or the connection is ending.
+        tracing::debug!(parent, ?name, %e, "dropping a cached entry");
+    }
+}
