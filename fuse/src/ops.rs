@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fuser::Errno;
 use nix::sys::stat::{Mode, SFlag};
-use strata_overlay::whiteout::{OPAQUE_VALUE, XattrNs, is_overlay_xattr};
+use strata_overlay::whiteout::{OPAQUE_MARKER, OPAQUE_VALUE, XattrNs, is_overlay_xattr};
 
 use crate::ino::Inos;
 use crate::layer::{Resolved, Stack, whiteout_name};
@@ -263,10 +263,22 @@ impl Upper {
         self.set_opaque(&self.root.join(rel))
     }
 
-    /// Marks an upper directory opaque.
+    /// Marks an upper directory opaque: with the opaque xattr, or where the filesystem refuses
+    /// it, with the OCI form's `.wh..wh..opq` file (as whiteouts fall back to `.wh.NAME`).
     pub fn set_opaque(&self, dir: &Path) -> Result<(), Errno> {
         let name = OsStr::from_bytes(self.ns.opaque().to_bytes());
-        crate::sys::lsetxattr(dir, name, OPAQUE_VALUE).map_err(errno)
+        match crate::sys::lsetxattr(dir, name, OPAQUE_VALUE) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EPERM | libc::ENOTSUP | libc::EACCES)
+                ) =>
+            {
+                std::fs::write(dir.join(OsStr::from_bytes(OPAQUE_MARKER)), b"").map_err(errno)
+            }
+            Err(e) => Err(errno(e)),
+        }
     }
 
     /// Removes a whiteout for `rel` from the upper (either form); true if there was one.

@@ -52,6 +52,11 @@ pub struct ApplyOptions {
     pub defer_lowers: bool,
     /// `syncfs` the target before returning, so an acknowledged apply survives a crash.
     pub sync: bool,
+    /// Write deletions and opaque directories in the OCI form (`.wh.NAME` files, a
+    /// `.wh..wh..opq` file), for filesystems that refuse overlay's char 0:0 whiteouts (an
+    /// overlayfs, which the FUSE union serves from). Only the FUSE union reads such a layer;
+    /// `form::convert` turns it into the kernel's form.
+    pub wh: bool,
 }
 
 impl Default for ApplyOptions {
@@ -65,6 +70,7 @@ impl Default for ApplyOptions {
             parents: None,
             defer_lowers: false,
             sync: true,
+            wh: false,
         }
     }
 }
@@ -106,6 +112,8 @@ pub struct ApplyReport {
 pub struct Deferred {
     /// Whiteouts written without knowing whether a lower has the path.
     pub whiteouts: Vec<Vec<u8>>,
+    /// The whiteouts are `.wh.NAME` files ([`ApplyOptions::wh`]), not char 0:0 devices.
+    pub wh: bool,
     /// Directories the tar implied but did not contain (made 0755 root:root), topmost last.
     pub implied_dirs: Vec<Vec<u8>>,
 }
@@ -149,9 +157,18 @@ pub fn settle_lowers(
                 continue;
             };
             let base = rel.rsplit(|&b| b == b'/').next().unwrap_or(rel);
-            let name = sys::cstr(base).map_err(|e| at(rel, "name", e))?;
-            let still =
-                sys::lstatat(dir.as_fd(), &name).is_ok_and(|st| whiteout::is_whiteout_stat(&st));
+            let (name, still) = if deferred.wh {
+                let name = sys::cstr(&whiteout::wh_name(base)).map_err(|e| at(rel, "name", e))?;
+                let st = sys::lstatat(dir.as_fd(), &name);
+                (
+                    name,
+                    st.is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG),
+                )
+            } else {
+                let name = sys::cstr(base).map_err(|e| at(rel, "name", e))?;
+                let st = sys::lstatat(dir.as_fd(), &name);
+                (name, st.is_ok_and(|st| whiteout::is_whiteout_stat(&st)))
+            };
             if !still {
                 continue;
             }
@@ -444,6 +461,7 @@ impl<'o> Applier<'o> {
         implied.sort();
         Deferred {
             whiteouts: std::mem::take(&mut self.deferred_whiteouts),
+            wh: self.opts.wh,
             implied_dirs: implied,
         }
     }
@@ -479,15 +497,27 @@ impl<'o> Applier<'o> {
         match whiteout::classify(base) {
             Marker::Opaque => {
                 let dir = self.parent(&e.path, parent)?;
-                let attr = self.opts.xattr_ns.opaque();
-                sys::fsetxattr(dir.as_fd(), attr, whiteout::OPAQUE_VALUE)
-                    .map_err(|err| Error::entry(&e.path, "set opaque xattr", err))?;
+                if self.opts.wh {
+                    let marker = sys::cstr(whiteout::OPAQUE_MARKER)
+                        .map_err(|err| Error::entry(&e.path, "name", err))?;
+                    self.empty_file(dir.as_fd(), &marker)
+                        .map_err(|err| Error::entry(&e.path, "create opaque marker", err))?;
+                } else {
+                    let attr = self.opts.xattr_ns.opaque();
+                    sys::fsetxattr(dir.as_fd(), attr, whiteout::OPAQUE_VALUE)
+                        .map_err(|err| Error::entry(&e.path, "set opaque xattr", err))?;
+                }
                 // Whiteouts this layer put in the directory before the marker now hide nothing,
                 // and the kernel would list them in a directory without lowers.
                 for (child, kind) in sys::read_dir(dir.as_fd())
                     .map_err(|err| Error::entry(&e.path, "read dir", err))?
                 {
-                    if kind == libc::DT_CHR {
+                    if let Marker::Whiteout(_) = whiteout::classify(&child) {
+                        let c =
+                            sys::cstr(&child).map_err(|err| Error::entry(&e.path, "name", err))?;
+                        sys::unlinkat(dir.as_fd(), &c, 0)
+                            .map_err(|err| Error::entry(&e.path, "remove whiteout", err))?;
+                    } else if kind == libc::DT_CHR {
                         let c =
                             sys::cstr(&child).map_err(|err| Error::entry(&e.path, "name", err))?;
                         if sys::lstatat(dir.as_fd(), &c)
@@ -518,8 +548,15 @@ impl<'o> Applier<'o> {
                     // none of the (known) lowers has.
                     return Ok(());
                 }
-                sys::mknodat(dir.as_fd(), &cname, libc::S_IFCHR, 0)
-                    .map_err(|err| Error::entry(&e.path, "create whiteout (char 0:0)", err))?;
+                if self.opts.wh {
+                    let wh = sys::cstr(&whiteout::wh_name(name))
+                        .map_err(|err| Error::entry(&e.path, "name", err))?;
+                    self.empty_file(dir.as_fd(), &wh)
+                        .map_err(|err| Error::entry(&e.path, "create whiteout (.wh. file)", err))?;
+                } else {
+                    sys::mknodat(dir.as_fd(), &cname, libc::S_IFCHR, 0)
+                        .map_err(|err| Error::entry(&e.path, "create whiteout (char 0:0)", err))?;
+                }
                 if self.opts.defer_lowers && self.opts.parents.is_none() {
                     self.deferred_whiteouts
                         .push([parent, &[name]].concat().join(&b'/'));
@@ -530,6 +567,17 @@ impl<'o> Applier<'o> {
         }
         let dir = self.parent(&e.path, parent)?;
         let name = sys::cstr(base).map_err(|err| Error::entry(&e.path, "name", err))?;
+        if self.opts.wh {
+            // The last entry for a path wins: a whiteout of it earlier in this layer goes.
+            let wh = sys::cstr(&whiteout::wh_name(base))
+                .map_err(|err| Error::entry(&e.path, "name", err))?;
+            match sys::unlinkat(dir.as_fd(), &wh, 0) {
+                Err(err) if err.raw_os_error() != Some(libc::ENOENT) => {
+                    return Err(Error::entry(&e.path, "remove whiteout", err));
+                }
+                _ => {}
+            }
+        }
         for (attr, _) in &e.xattrs {
             if whiteout::is_overlay_xattr(attr) {
                 return Err(Error::refused(
@@ -659,6 +707,12 @@ impl<'o> Applier<'o> {
         let Some((&tbase, tparent)) = tcomps.split_last() else {
             return Err(Error::refused(&e.path, "hardlink to the layer root"));
         };
+        if whiteout::classify(tbase) != Marker::Plain {
+            return Err(Error::refused(
+                &e.path,
+                "hardlink to a whiteout or opaque marker",
+            ));
+        }
         let not_in_layer = || {
             Error::refused(
                 &e.path,
@@ -894,6 +948,17 @@ impl<'o> Applier<'o> {
     }
 
     /// Removes whatever `name` is (a directory recursively), without following symlinks.
+    /// An empty file `name` in `dir` (a `.wh.` whiteout or opaque marker), made or kept.
+    fn empty_file(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        sys::openat(
+            dir,
+            name,
+            libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_NOFOLLOW,
+            0o644,
+        )
+        .map(drop)
+    }
+
     fn remove_existing(&mut self, entry: &[u8], dir: BorrowedFd<'_>, name: &CStr) -> Result<()> {
         match sys::unlinkat(dir, name, 0) {
             Ok(()) => Ok(()),

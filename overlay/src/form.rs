@@ -58,6 +58,33 @@ impl std::fmt::Display for Form {
     }
 }
 
+/// The form layers in `dir`'s filesystem can be written in, by someone writing opaque xattrs in
+/// `ns`: a char 0:0 and an opaque xattr are tried there (and removed). The kernel's form
+/// ([`Form::Kernel`], or [`Form::UserXattr`] for `user.`) if both can be made, the `.wh.` form
+/// otherwise (an overlayfs refuses to make char 0:0 on itself; some filesystems take no
+/// xattrs).
+pub fn writable(dir: &Path, ns: XattrNs) -> Form {
+    let Ok(d) = std::fs::File::open(dir) else {
+        return Form::Wh;
+    };
+    let d: OwnedFd = d.into();
+    let pid = std::process::id();
+    let (dev, sub) = (
+        CString::new(format!("probe-form-{pid}-wh")).expect("no NUL"),
+        CString::new(format!("probe-form-{pid}-dir")).expect("no NUL"),
+    );
+    let whiteout = sys::mknodat(d.as_fd(), &dev, libc::S_IFCHR, 0).is_ok();
+    let opaque = sys::mkdirat(d.as_fd(), &sub, 0o700).is_ok()
+        && sys::lsetxattr(d.as_fd(), &sub, ns.opaque(), OPAQUE_VALUE).is_ok();
+    let _ = sys::unlinkat(d.as_fd(), &dev, 0);
+    let _ = sys::unlinkat(d.as_fd(), &sub, libc::AT_REMOVEDIR);
+    match (whiteout && opaque, ns) {
+        (false, _) => Form::Wh,
+        (true, XattrNs::Trusted) => Form::Kernel,
+        (true, XattrNs::User) => Form::UserXattr,
+    }
+}
+
 /// What a layer directory holds, by kind, with a few example paths of each.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
@@ -71,9 +98,11 @@ pub struct Report {
     pub opaque_user: Vec<PathBuf>,
     /// Directories opaque by a `.wh..wh..opq` marker.
     pub opaque_marker: Vec<PathBuf>,
-    /// Entries with other `trusted.overlay.*` xattrs (redirect, metacopy, origin, ...).
+    /// Entries with `trusted.overlay.*` metadata that gives them their meaning (redirect,
+    /// metacopy, xattr whiteouts). Hints the kernel does without (origin, impure, nlink) are
+    /// not counted, and stay where they are.
     pub meta_trusted: Vec<PathBuf>,
-    /// Entries with other `user.overlay.*` xattrs.
+    /// The same in `user.overlay.*`.
     pub meta_user: Vec<PathBuf>,
     /// `.wh.NAME` beside a real NAME: the layer both deletes and holds it.
     pub conflicts: Vec<PathBuf>,
@@ -172,14 +201,18 @@ fn name_c(n: &[u8], at: &Path) -> Result<CString> {
 }
 
 /// The overlay xattrs (besides opaque) on entry `name` of `dir`, by namespace.
+/// The overlay metadata of an entry that gives it its meaning: `redirect` (a renamed lower
+/// directory), `metacopy` (data in a lower file), `whiteout`/`whiteouts` (xattr whiteouts).
 fn meta_xattrs(dir: BorrowedFd<'_>, name: &CStr, at: &Path) -> Result<Vec<Vec<u8>>> {
+    const MEANING: [&[u8]; 4] = [b"redirect", b"metacopy", b"whiteout", b"whiteouts"];
     let list = sys::llistxattr(dir, name).map_err(io("list xattrs", at))?;
     Ok(list
         .into_iter()
         .filter(|x| {
-            XattrNs::ALL
-                .iter()
-                .any(|ns| x.starts_with(ns.prefix()) && x.as_slice() != ns.opaque().to_bytes())
+            XattrNs::ALL.iter().any(|ns| {
+                x.strip_prefix(ns.prefix())
+                    .is_some_and(|rest| MEANING.contains(&rest))
+            })
         })
         .collect())
 }

@@ -107,7 +107,12 @@ pub enum Marker<'a> {
     Whiteout(&'a [u8]),
 }
 
-/// Classifies a tar entry's base name.
+/// `.wh.NAME`: the OCI whiteout of `name`.
+pub fn wh_name(name: &[u8]) -> Vec<u8> {
+    [WHITEOUT_PREFIX, name].concat()
+}
+
+/// Classifies a tar entry's (or a `.wh.`-form layer's) base name as the OCI layer spec does.
 pub fn classify(base: &[u8]) -> Marker<'_> {
     if base == OPAQUE_MARKER {
         Marker::Opaque

@@ -641,8 +641,9 @@ pub fn system_prune(root: &Path, all: bool, volumes: bool) -> Result<()> {
     Ok(())
 }
 
-/// The store part of `strata info`.
-pub fn info_store(root: &Path) -> Result<()> {
+/// The store part of `strata info`; returns the backend its layers mount with (and why), and
+/// the form its layers keep deletions in.
+pub fn info_store(root: &Path) -> Result<(String, String)> {
     let mut images = open(root)?;
     let u = usage(root, &mut images)?;
     let conts = container::list(root)?;
@@ -654,7 +655,8 @@ pub fn info_store(root: &Path) -> Result<()> {
     println!("Images: {}", u.images.0);
     println!("Volumes: {}", u.volumes.0);
     println!("Strata Root Dir: {}", root.display());
-    Ok(())
+    let snap = images.snapshotter()?;
+    Ok((snap.backend().to_string(), snap.layer_form().to_string()))
 }
 
 pub fn system_check(root: &Path, repair: bool) -> Result<()> {

@@ -11,6 +11,7 @@
 //! - [`container`]: create/start/stop/exec/commit/view and the processes of a container.
 //! - [`check`]: `system check`, every record against the disk, every blob against its digest.
 //! - [`registry`]: pull, push and login over the OCI distribution API.
+//! - [`storage`]: which backend layers mount with (`--storage-mode overlay|fuse|auto`).
 //! - [`volume`], [`rootless`], [`time`].
 //! - [`demo`] (the main job on a base image built from the host), [`layer_demo`].
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
@@ -25,6 +26,7 @@ pub mod image;
 pub mod layer_demo;
 pub mod registry;
 pub mod rootless;
+pub mod storage;
 pub mod time;
 pub mod volume;
 

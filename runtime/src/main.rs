@@ -125,6 +125,7 @@ fn wants_user_namespace(c: &Command) -> bool {
 
 fn run(cli: Cli) -> Result<()> {
     let root = images::root(cli.root.clone());
+    strata_runtime::storage::choose(cli.storage_mode.as_deref())?;
     if wants_user_namespace(&cli.command) && strata_runtime::rootless::needed() {
         strata_runtime::rootless::enter().context("running rootless")?;
     }
@@ -636,16 +637,27 @@ fn umount(merged: &Path, lazy: bool) -> Result<()> {
 }
 
 fn info(root: &Path, dir: Option<PathBuf>) -> Result<()> {
-    if root.is_dir() {
-        containers::info_store(root)?;
-    }
+    let backend = if root.is_dir() {
+        Some(containers::info_store(root)?)
+    } else {
+        None
+    };
     let dir = match dir {
         Some(d) => d,
         None if root.is_dir() => root.to_path_buf(),
         None => std::env::current_dir()?,
     };
+    let (mode, from) = strata_runtime::storage::mode()?;
+    println!("Storage Driver: strata");
+    println!(" Storage Mode: {mode} (from {from})");
+    match backend {
+        Some((b, form)) => {
+            println!(" Backend: {b}");
+            println!(" Layer Form: {form}");
+        }
+        None => println!(" Backend: chosen when the store is first used (it does not exist yet)"),
+    }
     let f = probe::probe(&dir);
-    println!("Storage Driver: strata (kernel overlayfs)");
     println!("{f}");
     let o = f.options();
     println!(

@@ -32,6 +32,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use strata_overlay::form::Form;
 use strata_overlay::mount::{Mount, Options, Overlay};
 
 use crate::background::{self, Activity, Changed, Chore, Ready, ReadyDirs};
@@ -56,6 +57,16 @@ pub enum Mode {
     Fuse,
     /// Kernel overlay where it works here, FUSE otherwise.
     Auto,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Overlay => "overlay",
+            Mode::Fuse => "fuse",
+            Mode::Auto => "auto",
+        })
+    }
 }
 
 impl std::str::FromStr for Mode {
@@ -176,6 +187,8 @@ pub struct Snapshotter {
     fuse: Option<FuseHelper>,
     /// Which backend was chosen and why (for logs and `strata info`).
     backend: String,
+    /// The form layers are written in here (see [`Snapshotter::layer_form`]).
+    form: Form,
     /// Serializes making the FUSE mount of one snapshot (never across snapshots).
     mount_locks: Mutex<HashMap<i64, Arc<Mutex<()>>>>,
     boot_id: String,
@@ -361,13 +374,13 @@ impl Snapshotter {
                 );
                 if mode == Mode::Overlay {
                     return Err(Error::Unsupported(format!(
-                        "{why}; --mode fuse or auto would use Strata's FUSE filesystem"
+                        "{why}; the fuse or auto mode would use Strata's FUSE filesystem"
                     )));
                 }
                 fuse_reason = Some(why);
             }
         } else {
-            fuse_reason = Some("--mode fuse".into());
+            fuse_reason = Some("FUSE mode asked for".into());
         }
         let (fuse, backend) = match fuse_reason {
             None => (
@@ -399,6 +412,24 @@ impl Snapshotter {
         };
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io("chmod", root, e))?;
+        let form = if fuse.is_none() {
+            if options.userxattr {
+                Form::UserXattr
+            } else {
+                Form::Kernel
+            }
+        } else {
+            let ns = if nix::unistd::geteuid().is_root()
+                && !strata_overlay::probe::in_user_namespace()
+            {
+                strata_overlay::XattrNs::Trusted
+            } else {
+                strata_overlay::XattrNs::User
+            };
+            let form = strata_overlay::form::writable(&root.join("snapshots"), ns);
+            tracing::info!(%form, "layers are written in this form");
+            form
+        };
         let meta = Meta::open(&root.join("metadata.db"), config.exclusive)?;
         let (tx, rx) = mpsc::channel::<Chore>();
         let activity = Arc::new(Activity::default());
@@ -411,6 +442,7 @@ impl Snapshotter {
             options,
             fuse,
             backend,
+            form,
             mount_locks: Mutex::new(HashMap::new()),
             boot_id,
             chores: Mutex::new(Some(tx)),
@@ -452,6 +484,16 @@ impl Snapshotter {
     /// The backend this store mounts with and why: `overlay (kernel, ...)` or `fuse (REASON)`.
     pub fn backend(&self) -> &str {
         &self.backend
+    }
+
+    /// The form whiteouts and opaque directories are written in when a layer is applied
+    /// straight into a snapshot (see `strata_overlay::form`): the kernel's, with the xattrs its
+    /// mounts read (`user.` with `userxattr`), wherever kernel overlay mounts or, in FUSE mode,
+    /// wherever the filesystem takes char 0:0 devices and overlay xattrs (so the store can move
+    /// to kernel overlay later); the OCI `.wh.` form where it does not (a store on an
+    /// overlayfs, inside a container), which only the FUSE union reads.
+    pub fn layer_form(&self) -> Form {
+        self.form
     }
 
     /// Whether union snapshots are served by FUSE mounts.

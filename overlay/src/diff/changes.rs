@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 pub use super::generic::ChangeKind;
-use super::lower::{LowerView, is_opaque};
+use super::lower::{LowerView, has_opaque_marker, is_opaque};
 use super::{entry, generic};
 use crate::whiteout::{self, XattrNs};
 use crate::{Error, Result, sys};
@@ -68,7 +68,24 @@ fn walk(
     let err = |op, e| Error::io(op, upper.join(String::from_utf8_lossy(rel).as_ref()), e);
     let mut names = sys::read_dir(dir).map_err(|e| err("read dir", e))?;
     names.sort();
+    let present: std::collections::HashSet<&[u8]> =
+        names.iter().map(|(n, _)| n.as_slice()).collect();
     for (name, _) in &names {
+        // The OCI form: `.wh.NAME` deletes NAME (unless this layer holds NAME too); the opaque
+        // marker is read with its directory.
+        match whiteout::classify(name) {
+            whiteout::Marker::Whiteout(n) => {
+                if !present.contains(n) {
+                    out.push(Change {
+                        path: slash(&entry::child(rel, n)),
+                        kind: ChangeKind::Deleted,
+                    });
+                }
+                continue;
+            }
+            whiteout::Marker::Opaque => continue,
+            whiteout::Marker::Plain => {}
+        }
         let path = entry::child(rel, name);
         let cname = sys::cstr(name).map_err(|e| err("name", e))?;
         let st = sys::lstatat(dir, &cname).map_err(|e| err("lstat", e))?;
@@ -106,7 +123,7 @@ fn walk(
                 0,
             )
             .map_err(|e| err("open", e))?;
-            let opaque = is_opaque(dir, &cname)?;
+            let opaque = is_opaque(dir, &cname)? || has_opaque_marker(sub.as_fd());
             if opaque && in_lower {
                 // Everything the lowers had below it is gone.
                 let lp = lower_path.clone().unwrap_or_default();
@@ -114,6 +131,7 @@ fn walk(
                     .map_err(|e| err("read dir", e))?
                     .into_iter()
                     .map(|(n, _)| n)
+                    .filter(|n| whiteout::classify(n) == whiteout::Marker::Plain)
                     .collect();
                 for n in lowers.read_dir(&lp)?.into_keys() {
                     if !upper_names.contains(&n) {

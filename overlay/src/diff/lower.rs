@@ -1,8 +1,10 @@
 //! A read-only merged view of a stack of lower layer directories.
 //!
-//! Lookups go top-down and honour each layer's whiteouts (char 0:0) and opaque directories, as
-//! the kernel does for lowers. Lowers holding `redirect` or `metacopy` xattrs are refused with
-//! [`Error::LowerOverlayXattr`] rather than read wrongly.
+//! Lookups go top-down and honour each layer's whiteouts and opaque directories, as the kernel
+//! does for lowers, in both forms a layer may keep them in: char 0:0 devices and the opaque
+//! xattr, or the OCI form (`.wh.NAME` files, a `.wh..wh..opq` file; a layer's own NAME stays
+//! beside its `.wh.NAME`, which hides only the layers below). Lowers holding `redirect` or
+//! `metacopy` xattrs are refused with [`Error::LowerOverlayXattr`] rather than read wrongly.
 
 use std::collections::BTreeMap;
 use std::ffi::CStr;
@@ -72,11 +74,17 @@ impl LowerView {
             .collect();
         let mut opaque_above = false;
         for (k, c) in comps.iter().enumerate() {
+            if whiteout::classify(c) != whiteout::Marker::Plain {
+                return Ok(Step::Hidden); // markers are never names of the merged view
+            }
             let name = sys::cstr(c).map_err(|e| Error::io("lookup", self.path(i, rel), e))?;
             let st = match sys::lstatat(dir.as_fd(), &name) {
                 Ok(st) => st,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    return Ok(if opaque_above {
+                    let wh = sys::cstr(&whiteout::wh_name(c))
+                        .map_err(|e| Error::io("lookup", self.path(i, rel), e))?;
+                    let deleted = sys::lstatat(dir.as_fd(), &wh).is_ok();
+                    return Ok(if opaque_above || deleted {
                         Step::Hidden
                     } else {
                         Step::Below
@@ -106,7 +114,7 @@ impl LowerView {
                 &self.path(i, &comps[..=k].join(&b'/')),
                 true,
             )?;
-            if is_opaque(sub.as_fd(), c"")? {
+            if is_opaque(sub.as_fd(), c"")? || has_opaque_marker(sub.as_fd()) {
                 opaque_above = true;
             }
             dir = sub;
@@ -204,9 +212,19 @@ impl LowerView {
                 Step::Hidden => break,
             };
             let path = self.path(i, rel);
+            // `.wh.NAME` hides NAME in the layers below this one.
+            let mut deleted_below = Vec::new();
             for (name, _) in
                 sys::read_dir(dir.as_fd()).map_err(|e| Error::io("read dir", &path, e))?
             {
+                match whiteout::classify(&name) {
+                    whiteout::Marker::Whiteout(n) => {
+                        deleted_below.push(n.to_vec());
+                        continue;
+                    }
+                    whiteout::Marker::Opaque => continue,
+                    whiteout::Marker::Plain => {}
+                }
                 if out.contains_key(&name) || hidden.contains(&name) {
                     continue;
                 }
@@ -227,12 +245,19 @@ impl LowerView {
                     },
                 );
             }
-            if is_opaque(dir.as_fd(), c"")? {
+            hidden.extend(deleted_below);
+            if is_opaque(dir.as_fd(), c"")? || has_opaque_marker(dir.as_fd()) {
                 break;
             }
         }
         Ok(out)
     }
+}
+
+/// True when the directory `dir` holds the OCI form's opaque marker (`.wh..wh..opq`).
+pub(crate) fn has_opaque_marker(dir: std::os::fd::BorrowedFd<'_>) -> bool {
+    // The marker name has no NUL: the conversion cannot fail.
+    sys::cstr(whiteout::OPAQUE_MARKER).is_ok_and(|m| sys::lstatat(dir, &m).is_ok())
 }
 
 /// True when `name` in `dir` carries the opaque xattr in either namespace.

@@ -1,7 +1,9 @@
 //! The native diff: an overlay upper directory straight to an OCI layer.
 //!
 //! Only the upper is walked, so the cost grows with the change, not with the image. Whiteout
-//! devices become `.wh.` entries and opaque directories get a `.wh..wh..opq` marker. Uppers
+//! devices become `.wh.` entries and opaque directories get a `.wh..wh..opq` marker (an upper
+//! in the OCI form, `.wh.` files and markers, as a FUSE union on an overlayfs leaves it, is read
+//! the same way). Uppers
 //! written with `redirect_dir=on` or `metacopy=on`, which no peer's native diff can read, are
 //! followed into the lowers:
 //! - a directory with an `overlay.redirect` xattr is a renamed lower directory: it is written as
@@ -16,7 +18,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use super::lower::{Found, LowerView};
+use super::lower::{Found, LowerView, has_opaque_marker};
 use super::{DiffOptions, DiffReport, Sink, entry};
 use crate::archive::{Entry, Kind};
 use crate::whiteout::{self, XattrNs};
@@ -116,12 +118,25 @@ impl<W: Write> Native<W> {
             }
         }
         names.sort_by(|a, b| a.0.cmp(&b.0));
+        let present: std::collections::HashSet<Vec<u8>> =
+            names.iter().map(|(n, _)| n.clone()).collect();
         for (name, source) in names {
             let path = entry::child(rel, &name);
             match source {
-                Source::Upper => {
-                    self.upper_entry(dir, rel, &name, path, lower.as_deref(), relocated)?
-                }
+                // The OCI form in the upper: `.wh.NAME` deletes NAME unless the upper holds
+                // NAME too, under the same rule as a char 0:0; the opaque marker is read with
+                // its directory.
+                Source::Upper => match whiteout::classify(&name) {
+                    whiteout::Marker::Whiteout(n) => {
+                        if lower.is_some() && !relocated && !present.contains(n) {
+                            self.emit(&entry::whiteout(rel, n), None)?;
+                        }
+                    }
+                    whiteout::Marker::Opaque => {}
+                    whiteout::Marker::Plain => {
+                        self.upper_entry(dir, rel, &name, path, lower.as_deref(), relocated)?
+                    }
+                },
                 Source::Lower(found) => {
                     let src = entry::child(lower.as_deref().unwrap_or(b""), &name);
                     self.copy_lower(found, &src, path)?;
@@ -177,7 +192,7 @@ impl<W: Write> Native<W> {
                     let src = resolve_redirect(r, lower.unwrap_or(rel));
                     self.emit(&entry::opaque(&path), None)?;
                     self.dir(sub.as_fd(), &path, Some(src), true)
-                } else if overlay.opaque {
+                } else if overlay.opaque || has_opaque_marker(sub.as_fd()) {
                     self.emit(&entry::opaque(&path), None)?;
                     self.dir(sub.as_fd(), &path, None, false)
                 } else {

@@ -1,11 +1,13 @@
 //! The union-semantics property test: random operations through a real kernel overlay mount,
 //! then diff -> apply -> mount again must show exactly the merged view the operations left.
 //!
-//! Three configurations: the native diff of an upper mounted with containerd's options, the
+//! Four configurations: the native diff of an upper mounted with containerd's options, the
 //! native diff of an upper mounted with `redirect_dir=on,metacopy=on` (renamed lower dirs and
-//! metadata-only copy-ups), and the generic diff between the lower and the merged view. The
-//! result is checked by mounting the applied layer over the base (`lowerdir=new:base`), which
-//! is how a committed layer is used.
+//! metadata-only copy-ups), the generic diff between the lower and the merged view, and the
+//! OCI `.wh.` form end to end (the upper converted to it before the native diff, the layer
+//! applied in it and converted back to the kernel's form to mount). The result is checked by
+//! mounting the applied layer over the base (`lowerdir=new:base`), which is how a committed
+//! layer is used.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -232,6 +234,35 @@ enum Mode {
     NativeRedirect,
     /// Generic diff of lower vs merged view.
     Generic,
+    /// Native diff of the upper converted to the `.wh.` form, applied in that form.
+    NativeWh,
+}
+
+/// Every path of a merged view of lowers (keys as `snapshot` makes them).
+fn view_paths(view: &diff::LowerView, rel: &[u8], out: &mut Vec<String>) {
+    for (name, found) in view.read_dir(rel).unwrap() {
+        let path = if rel.is_empty() {
+            name.clone()
+        } else {
+            [rel, b"/", &name].concat()
+        };
+        out.push(String::from_utf8(path.clone()).unwrap());
+        if found.st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            view_paths(view, &path, out);
+        }
+    }
+}
+
+/// The change list of `upper` over `base`, sorted.
+fn changes(upper: &Path, base: &Path) -> Vec<(String, String)> {
+    let mut c: Vec<(String, String)> =
+        diff::changes_native(upper, &diff::LowerView::new(vec![base.to_path_buf()]))
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.path, format!("{:?}", c.kind)))
+            .collect();
+    c.sort();
+    c
 }
 
 fn round_trip(seed: u64, ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
@@ -271,6 +302,7 @@ fn round_trip(seed: u64, ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
         threads: 0,
         lowers: vec![base.clone()],
     };
+    let wh = matches!(mode, Mode::NativeWh);
     let diffed = match mode {
         Mode::Generic => {
             let d = diff::generic(&base, &merged, out, &dopts);
@@ -279,6 +311,16 @@ fn round_trip(seed: u64, ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
         }
         _ => {
             merged_mount.unmount();
+            if wh {
+                let kernel_form = changes(&upper, &base);
+                strata_overlay::form::convert(&upper, strata_overlay::form::Form::Wh)
+                    .map_err(|e| TestCaseError::fail(format!("convert to wh: {e}")))?;
+                prop_assert_eq!(
+                    changes(&upper, &base),
+                    kernel_form,
+                    "changes of the .wh. form"
+                );
+            }
             diff::native(&upper, out, &dopts)
         }
     };
@@ -288,10 +330,31 @@ fn round_trip(seed: u64, ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
         expected_digest: Some(report.digest),
         expected_diff_id: Some(report.diff_id),
         sync: false,
+        wh,
         ..Default::default()
     };
     apply(std::fs::File::open(&blob_path).unwrap(), &layer, &aopts)
         .map_err(|e| TestCaseError::fail(format!("apply: {e}")))?;
+    if wh {
+        let r = strata_overlay::form::check(&layer).unwrap();
+        prop_assert!(
+            r.char_whiteouts.is_empty() && r.opaque_trusted.is_empty(),
+            "the kernel's form in a .wh. apply: {}",
+            r.summary()
+        );
+        // The applied layer read as a lower, in its .wh. form: what the mount will show.
+        let mut paths = Vec::new();
+        view_paths(
+            &diff::LowerView::new(vec![layer.clone(), base.clone()]),
+            b"",
+            &mut paths,
+        );
+        paths.sort();
+        let want_paths: Vec<String> = want.keys().cloned().collect();
+        prop_assert_eq!(paths, want_paths, "a .wh. layer read as a lower");
+        strata_overlay::form::convert(&layer, strata_overlay::form::Form::Kernel)
+            .map_err(|e| TestCaseError::fail(format!("convert to kernel: {e}")))?;
+    }
     let view = root.join("view");
     std::fs::create_dir(&view).unwrap();
     let ro = Overlay {
@@ -339,6 +402,12 @@ proptest! {
     fn native_diff_round_trips_with_redirect_and_metacopy(seed in any::<u64>(), ops in prop::collection::vec(op(), 1..25)) {
         require(Prereq::Root);
         round_trip(seed, &ops, Mode::NativeRedirect)?;
+    }
+
+    #[test]
+    fn native_diff_round_trips_in_the_wh_form(seed in any::<u64>(), ops in prop::collection::vec(op(), 1..25)) {
+        require(Prereq::Root);
+        round_trip(seed, &ops, Mode::NativeWh)?;
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use serde_json::json;
-use strata_overlay::{ApplyOptions, Compression};
+use strata_overlay::Compression;
 
 use super::{Image, Images, Reference, chain_id};
 use crate::{Error, Result};
@@ -45,18 +45,13 @@ pub fn import(
         crate::container::commit::apply_change(&mut inner, ch)?;
     }
     let key = format!("import-{}-{}", std::process::id(), crate::time::now_secs());
-    let rootless = crate::rootless::rootless_layers();
     images
         .snapshotter()?
         .prepare(&key, "", Default::default())?;
     let applied = (|| {
         let snap = images.snapshotter()?;
         let (upper, _) = snap.layer_dirs(&key)?;
-        let mut opts = if rootless {
-            ApplyOptions::rootless()
-        } else {
-            ApplyOptions::default()
-        };
+        let mut opts = super::apply_options(snap);
         opts.parents = Some(Vec::new());
         Ok::<_, Error>(strata_overlay::apply_file(file, &upper, &opts)?)
     })();

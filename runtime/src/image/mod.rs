@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::image::{ImageConfiguration, ImageManifest};
 use strata_overlay::{ApplyOptions, Digest};
-use strata_snapshotter::{Mode, Snapshotter};
+use strata_snapshotter::Snapshotter;
 
 pub use archive::{load, save};
 pub use import::{host_arch, import};
@@ -39,6 +39,19 @@ pub struct Parsed {
     pub config: ImageConfiguration,
 }
 
+/// How layers are applied straight into `snap`'s snapshots: in the rootless form where this is
+/// not root on the host, and with deletions in the form the store's filesystem takes
+/// ([`Snapshotter::layer_form`]).
+pub(crate) fn apply_options(snap: &Snapshotter) -> ApplyOptions {
+    let mut o = if crate::rootless::rootless_layers() {
+        ApplyOptions::rootless()
+    } else {
+        ApplyOptions::default()
+    };
+    o.wh = snap.layer_form() == strata_overlay::form::Form::Wh;
+    o
+}
+
 fn digest_of(d: &oci_spec::image::Digest) -> Result<Digest> {
     d.to_string()
         .parse()
@@ -60,7 +73,8 @@ impl Images {
     /// killed pulls, loads and imports left ([`sweep_stale`](Self::sweep_stale)).
     pub fn snapshotter(&mut self) -> Result<&Snapshotter> {
         if self.snap.is_none() {
-            self.snap = Some(Snapshotter::open(&self.snap_root, Mode::Overlay)?);
+            let (mode, _) = crate::storage::mode()?;
+            self.snap = Some(Snapshotter::open(&self.snap_root, mode)?);
             let swept = self.sweep_stale()?;
             self.swept = swept;
             if swept > 0 {
@@ -185,7 +199,7 @@ impl Images {
                 diff_ids.len()
             )));
         }
-        let rootless = crate::rootless::rootless_layers();
+        let base_opts = apply_options(self.snapshotter()?);
         let mut created = Vec::new();
         let mut size = 0;
         let mut parent: Option<Digest> = None;
@@ -211,11 +225,7 @@ impl Images {
                 snap.prepare(&key, &parent_name, labels)?;
                 let applied = (|| -> Result<u64> {
                     let (upper, parents) = snap.layer_dirs(&key)?;
-                    let mut opts = if rootless {
-                        ApplyOptions::rootless()
-                    } else {
-                        ApplyOptions::default()
-                    };
+                    let mut opts = base_opts.clone();
                     opts.expected_digest = Some(blob);
                     opts.expected_diff_id = Some(diff_id);
                     opts.parents = Some(parents);

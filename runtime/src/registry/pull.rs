@@ -483,6 +483,7 @@ fn fetch_and_unpack(
 ) -> Result<(usize, u64, u64)> {
     let rootless = crate::rootless::rootless_layers();
     let pid = std::process::id();
+    let base_opts = crate::image::apply_options(images.snapshotter()?);
     {
         let snap = images.snapshotter()?;
         for j in jobs.iter_mut() {
@@ -517,7 +518,7 @@ fn fetch_and_unpack(
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs_ref.get(i) else { break };
                     let bar = bars[i].as_ref();
-                    let r = run_job(client, &root, job, rootless, &cancel, bar);
+                    let r = run_job(client, &root, job, &base_opts, &cancel, bar);
                     if let Some(b) = bar {
                         match &r {
                             Ok(_) if job.action == Action::Skip => {}
@@ -594,15 +595,11 @@ fn run_job(
     client: &Client,
     root: &Path,
     job: &Job,
-    rootless: bool,
+    base_opts: &ApplyOptions,
     cancel: &AtomicBool,
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<Done> {
-    let mut opts = if rootless {
-        ApplyOptions::rootless()
-    } else {
-        ApplyOptions::default()
-    };
+    let mut opts = base_opts.clone();
     opts.expected_digest = Some(job.blob);
     opts.expected_diff_id = Some(job.diff_id);
     opts.defer_lowers = true;

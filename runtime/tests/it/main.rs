@@ -13,4 +13,5 @@ mod rootless;
 mod run;
 mod security;
 mod storage;
+mod storage_mode;
 mod support;

@@ -212,7 +212,7 @@ fn auto_mode_falls_back_to_fuse_where_kernel_overlay_cannot_mount() {
         .expect("overlay mode opened");
     let msg = e.to_string();
     assert!(
-        msg.contains("not supported as upperdir") && msg.contains("--mode fuse or auto"),
+        msg.contains("not supported as upperdir") && msg.contains("fuse or auto mode"),
         "{msg}"
     );
 
