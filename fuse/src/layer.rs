@@ -289,26 +289,43 @@ impl Stack {
         let mut out: BTreeMap<OsString, DirEntry> = BTreeMap::new();
         let mut hidden: std::collections::HashSet<OsString> = Default::default();
         for &i in layers {
-            let dir = self.path(i, rel);
-            let it = match std::fs::read_dir(&dir) {
-                Ok(it) => it,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+            let path = self.path(i, rel);
+            // Entries are stat'ed beside the open directory (no walk of the whole path each).
+            let mut dir = match nix::dir::Dir::open(
+                &path,
+                nix::fcntl::OFlag::O_RDONLY
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ) {
+                Ok(d) => d,
+                Err(nix::errno::Errno::ENOENT) => continue,
+                Err(e) => return Err(e.into()),
             };
+            let names: Vec<std::ffi::CString> = dir
+                .iter()
+                .filter_map(|e| match e {
+                    Ok(e) if !matches!(e.file_name().to_bytes(), b"." | b"..") => {
+                        Some(Ok(e.file_name().to_owned()))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(Err(std::io::Error::from(e))),
+                })
+                .collect::<std::io::Result<_>>()?;
             let mut whiteouts = Vec::new();
-            for e in it {
-                let e = e?;
-                let name = e.file_name();
-                if let Some(rest) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX) {
-                    if name.as_bytes() != OPAQUE_MARKER {
+            for cname in names {
+                let bytes = cname.to_bytes();
+                if let Some(rest) = bytes.strip_prefix(WHITEOUT_PREFIX) {
+                    if bytes != OPAQUE_MARKER {
                         whiteouts.push(OsStr::from_bytes(rest).to_os_string());
                     }
                     continue;
                 }
+                let name = OsStr::from_bytes(bytes).to_os_string();
                 if out.contains_key(&name) || hidden.contains(&name) {
                     continue;
                 }
-                let Some(st) = lstat(&dir.join(&name)) else {
+                let Ok(st) = fstatat(&dir, cname.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
                     continue;
                 };
                 if is_whiteout(&st) {
