@@ -49,31 +49,20 @@ pub fn mode() -> Result<(Mode, String)> {
             "STRATA_STORAGE_MODE".into(),
         ));
     }
-    let file = crate::registry::config_dir().join("config.json");
-    match std::fs::read(&file) {
-        Ok(data) => {
-            let v: serde_json::Value = serde_json::from_slice(&data)
-                .map_err(|e| Error::Invalid(format!("{}: not JSON: {e}", file.display())))?;
-            match &v["storage-mode"] {
-                serde_json::Value::Null => {}
-                serde_json::Value::String(s) => {
-                    let from = format!("{} (storage-mode)", file.display());
-                    return Ok((parse(s, &from)?, from));
-                }
-                _ => {
-                    return Err(Error::Invalid(format!(
-                        "{}: storage-mode must be a string (overlay, fuse or auto)",
-                        file.display()
-                    )));
-                }
+    if let Some((file, v)) = crate::registry::user_config()? {
+        match &v["storage-mode"] {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(s) => {
+                let from = format!("{} (storage-mode)", file.display());
+                return Ok((parse(s, &from)?, from));
+            }
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{}: storage-mode must be a string (overlay, fuse or auto)",
+                    file.display()
+                )));
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        // Another user's (HOME not changed with the user): not this user's setting.
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            tracing::warn!(file = %file.display(), "cannot read the config file: storage mode auto");
-        }
-        Err(e) => return Err(Error::io("read", &file, e)),
     }
     Ok((Mode::Auto, "default".into()))
 }

@@ -12,9 +12,9 @@ pub struct Cli {
     #[arg(long, global = true, env = "STRATA_ROOT")]
     pub root: Option<PathBuf>,
     /// How layers mount: kernel `overlay`, Strata's `fuse` union, or `auto` (kernel overlay
-    /// where it mounts on the store's root, FUSE otherwise; the default). Also `storage-mode`
-    /// in $XDG_CONFIG_HOME/strata/config.json.
-    #[arg(long, global = true, env = "STRATA_STORAGE_MODE", value_parser = ["overlay", "fuse", "auto"])]
+    /// where it mounts on the store's root, FUSE otherwise; the default). Else
+    /// STRATA_STORAGE_MODE, else `storage-mode` in $XDG_CONFIG_HOME/strata/config.json.
+    #[arg(long, global = true, value_parser = ["overlay", "fuse", "auto"])]
     pub storage_mode: Option<String>,
     /// Log filter (tracing's EnvFilter syntax), e.g. `debug` or `strata_overlay=debug`.
     #[arg(

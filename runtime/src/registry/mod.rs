@@ -95,37 +95,50 @@ pub fn configured_insecure() -> Result<Vec<String>> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
+    let Some((file, v)) = user_config()? else {
+        return Ok(out);
+    };
+    match &v["insecure-registries"] {
+        serde_json::Value::Null => {}
+        serde_json::Value::Array(list) => {
+            for i in list {
+                out.push(
+                    i.as_str()
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "{}: insecure-registries holds a non-string",
+                                file.display()
+                            ))
+                        })?
+                        .to_string(),
+                );
+            }
+        }
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: insecure-registries must be a list",
+                file.display()
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// `$XDG_CONFIG_HOME/strata/config.json`, parsed, with its path: `None` when there is none, or
+/// when it cannot be read (another user's HOME: not this user's settings, warned about).
+pub fn user_config() -> Result<Option<(std::path::PathBuf, serde_json::Value)>> {
     let file = config_dir().join("config.json");
     match std::fs::read(&file) {
         Ok(data) => {
-            let v: serde_json::Value = serde_json::from_slice(&data)
+            let v = serde_json::from_slice(&data)
                 .map_err(|e| Error::Invalid(format!("{}: not JSON: {e}", file.display())))?;
-            match &v["insecure-registries"] {
-                serde_json::Value::Null => {}
-                serde_json::Value::Array(list) => {
-                    for i in list {
-                        out.push(
-                            i.as_str()
-                                .ok_or_else(|| {
-                                    Error::Invalid(format!(
-                                        "{}: insecure-registries holds a non-string",
-                                        file.display()
-                                    ))
-                                })?
-                                .to_string(),
-                        );
-                    }
-                }
-                _ => {
-                    return Err(Error::Invalid(format!(
-                        "{}: insecure-registries must be a list",
-                        file.display()
-                    )));
-                }
-            }
+            Ok(Some((file, v)))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("read", &file, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(file = %file.display(), "cannot read the config file: using the defaults");
+            Ok(None)
+        }
+        Err(e) => Err(Error::io("read", &file, e)),
     }
-    Ok(out)
 }

@@ -143,3 +143,45 @@ fn auto_mode_runs_containers_through_fuse_where_kernel_overlay_cannot_mount() {
     assert_eq!(out, "from the lower layer\n");
     drop(outer);
 }
+
+#[test]
+fn the_storage_mode_comes_from_the_flag_the_environment_or_the_config_file() {
+    let t = scratch();
+    let (root, config) = (t.path().join("none-yet"), t.path().join("config"));
+    std::fs::create_dir_all(config.join("strata")).unwrap();
+    let info = |args: &[&str], env: Option<&str>| {
+        let mut c = st(&root);
+        c.env("XDG_CONFIG_HOME", &config)
+            .env_remove("STRATA_STORAGE_MODE");
+        if let Some(v) = env {
+            c.env("STRATA_STORAGE_MODE", v);
+        }
+        ok(c.args(args).arg("info"))
+    };
+    assert!(info(&[], None).contains("Storage Mode: auto (from default)"));
+    std::fs::write(
+        config.join("strata/config.json"),
+        r#"{"storage-mode": "fuse"}"#,
+    )
+    .unwrap();
+    assert!(info(&[], None).contains("Storage Mode: fuse (from "));
+    assert!(
+        info(&[], Some("overlay")).contains("Storage Mode: overlay (from STRATA_STORAGE_MODE)")
+    );
+    assert!(
+        info(&["--storage-mode", "auto"], Some("overlay"))
+            .contains("Storage Mode: auto (from --storage-mode)")
+    );
+    assert!(!root.exists(), "info creates no store");
+    let mut bad = st(&root);
+    bad.env("XDG_CONFIG_HOME", &config)
+        .env("STRATA_STORAGE_MODE", "zfs")
+        .arg("info");
+    fails(&mut bad, "STRATA_STORAGE_MODE");
+    std::fs::write(config.join("strata/config.json"), r#"{"storage-mode": 3}"#).unwrap();
+    let mut bad = st(&root);
+    bad.env("XDG_CONFIG_HOME", &config)
+        .env_remove("STRATA_STORAGE_MODE")
+        .arg("info");
+    fails(&mut bad, "storage-mode must be a string");
+}
