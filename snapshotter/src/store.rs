@@ -964,32 +964,18 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
         parent: Option<&str>,
     ) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "commit name must not be empty".into(),
+            ));
+        }
+        validate_labels(&labels)?;
         let _busy = self.activity.begin();
         let row = {
             let meta = self.lock();
             meta::get(meta.conn(), key)?
                 .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?
         };
-        let usage = self.settle_active(name, key, &labels, &row, self.is_pristine(row.id))?;
-        let mut meta = self.lock();
-        self.commit_locked(&mut meta, name, key, &labels, parent, &row, usage)
-    }
-
-    /// Checks a commit's request and makes the upper of active snapshot `row` durable.
-    fn settle_active(
-        &self,
-        name: &str,
-        key: &str,
-        labels: &BTreeMap<String, String>,
-        row: &Row,
-        pristine: Option<Changed>,
-    ) -> Result<Usage> {
-        if name.is_empty() {
-            return Err(Error::InvalidArgument(
-                "commit name must not be empty".into(),
-            ));
-        }
-        validate_labels(labels)?;
         if row.kind != Kind::Active {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key:?} is not active"
@@ -997,20 +983,8 @@ impl Snapshotter {
         }
         // The container is done with it; a FUSE server must not write behind the commit.
         self.end_fuse_mount(row.id)?;
-        settle(&self.fs_dir(row.id), pristine)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn commit_locked(
-        &self,
-        meta: &mut std::sync::MutexGuard<'_, Meta>,
-        name: &str,
-        key: &str,
-        labels: &BTreeMap<String, String>,
-        parent: Option<&str>,
-        row: &Row,
-        usage: Usage,
-    ) -> Result<()> {
+        let usage = settle(&self.fs_dir(row.id), self.pristine_since(row.id))?;
+        let mut meta = self.lock();
         let tx = meta.write()?;
         let now = meta::get(&tx, key)?
             .ok_or_else(|| Error::NotFound(format!("snapshot {key:?} does not exist")))?;
@@ -1036,7 +1010,7 @@ impl Snapshotter {
             now_ns(),
             usage.size,
             usage.inodes,
-            labels,
+            &labels,
         )?;
         tx.commit().map_err(Error::db("commit"))?;
         self.forget_pristine(row.id);
@@ -1068,7 +1042,7 @@ impl Snapshotter {
         let row = self.active_row(key)?;
         self.end_fuse_mount(row.id)?;
         let fs = self.fs_dir(row.id);
-        let usage = settle(&fs, self.is_pristine(row.id))?;
+        let usage = settle(&fs, self.pristine_since(row.id))?;
         let root_meta = std::fs::metadata(&fs).map_err(|e| Error::io("stat", &fs, e))?;
         let mut meta = self.lock();
         let tmp = self.snapshots().join(format!(
@@ -1227,7 +1201,7 @@ impl Snapshotter {
 
     /// The change time of `id`'s upper root when it was made durable, for a snapshot made
     /// from a ready dir.
-    fn is_pristine(&self, id: i64) -> Option<Changed> {
+    fn pristine_since(&self, id: i64) -> Option<Changed> {
         self.pristine
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
