@@ -115,11 +115,23 @@ pub struct Union {
     /// files open read-write and never append here.
     writeback: bool,
     /// The kernel passes file I/O straight to the backing files (FUSE passthrough, kernel 6.9+,
-    /// as root): reads and writes at the backing filesystem's speed. Cleared when the kernel
-    /// refuses a backing file; nodes already passing through go on doing so.
+    /// as root): reads and writes at the backing filesystem's speed.
     passthrough: std::sync::atomic::AtomicBool,
+    /// Filesystems (`st_dev`) whose files the kernel refused to pass through to (stacked too
+    /// deep): their files are cached.
+    refused: Mutex<std::collections::HashSet<u64>>,
     /// Nodes with open files: how they do their I/O.
     node_io: Mutex<HashMap<u64, NodeIo>>,
+    counts: Arc<Counts>,
+}
+
+/// What the server did, for [`Stats`].
+#[derive(Default)]
+struct Counts {
+    /// Opens answered with a backing file the kernel passes through to.
+    passed: AtomicU64,
+    /// Reads served here (not passed through).
+    reads: AtomicU64,
 }
 
 use crate::ops::errno;
@@ -191,7 +203,9 @@ impl Union {
             next_fh: AtomicU64::new(1),
             writeback: false,
             passthrough: std::sync::atomic::AtomicBool::new(false),
+            refused: Mutex::new(std::collections::HashSet::new()),
             node_io: Mutex::new(HashMap::new()),
+            counts: Arc::default(),
         }
     }
 
@@ -216,6 +230,7 @@ impl Union {
         Stats {
             nodes: self.nodes.clone(),
             inos: self.inos.clone(),
+            counts: self.counts.clone(),
         }
     }
 
@@ -413,20 +428,26 @@ impl Union {
         self.stack.path(r.layer(), path)
     }
 
-    /// How the kernel is to do the I/O of `f`, just opened for node `ino`; `upper`: `f` is
-    /// the node's file in the upper. Files in the upper pass through (as root, where the
-    /// kernel can): writes, fsyncs and reads of written files run at the backing filesystem's
-    /// speed. Lower files stay cached: the kernel takes one backing file per inode for as long
-    /// as any of its opens passes through, and a copy-up must be able to give the inode its
-    /// upper file while a reader still has the lower one open. A node's opens all do the same
-    /// as its first (the kernel refuses a mix).
+    /// How the kernel is to do the I/O of `f`, just opened for node `ino`. As root, where the
+    /// kernel can, every regular file passes through to its backing file, lower or upper:
+    /// reads, writes, fsyncs and mmaps run at the backing filesystem's speed, the server sees
+    /// only open and release.
+    ///
+    /// The kernel takes one backing file per inode for as long as any of its opens passes
+    /// through, and refuses any other kind of open of it meanwhile. A node is its inode, and a
+    /// copy-up gives a node a new file (keeping its number, see [`crate::ino`]): an open of the
+    /// copy while the lower file is still open through the node cannot be served by that
+    /// inode. The copy is then given a number of its own, and the open is answered `ESTALE`,
+    /// which makes the kernel look the name up again (`LOOKUP_REVAL`) and open the copy
+    /// under its new node. The files still open on the lower file go on reading it, as
+    /// fuse-overlayfs's do (kernel overlay has them follow the copy).
     fn io_mode(
         &self,
         ino: u64,
         f: &File,
-        upper: bool,
         open_backing: impl FnOnce(&File) -> std::io::Result<fuser::BackingId>,
     ) -> Result<Io, Errno> {
+        let pass = self.passthrough.load(Ordering::SeqCst);
         // The backing file's identity, asked only where it matters (the kernel opens regular
         // files only).
         let identity = || {
@@ -438,31 +459,52 @@ impl Union {
         if let Some(x) = all.get_mut(&ino) {
             let io = match &x.pass {
                 None => Io::Cached,
-                Some((file, id)) if *file == identity()? => Io::Passthrough(id.clone()),
-                // Another file for an inode passing through: it would need a second backing
-                // file, which the kernel refuses (a file replaced in the upper under an open).
-                Some(_) => return Err(Errno::EBUSY),
+                Some((file, id)) => {
+                    let now = identity()?;
+                    if *file != now {
+                        self.inos.renumber(now.0, now.1);
+                        tracing::debug!(ino, "copied up under an open file: renumbered");
+                        return Err(Errno::ESTALE);
+                    }
+                    self.counts.passed.fetch_add(1, Ordering::Relaxed);
+                    Io::Passthrough(id.clone())
+                }
             };
             x.opens += 1;
             return Ok(io);
         }
-        let pass = if upper && self.passthrough.load(Ordering::SeqCst) {
-            let file = identity()?;
-            match open_backing(f) {
-                Ok(id) => Some((file, Arc::new(id))),
-                Err(e) => {
-                    // A backing filesystem the kernel does not pass through to (stacked too
-                    // deep, say): cached from now on; nodes passing through go on doing so.
-                    tracing::warn!(error = %e, "FUSE passthrough refused: cached I/O from now on");
-                    self.passthrough.store(false, Ordering::SeqCst);
-                    None
+        let pass = match pass {
+            true => {
+                let file = identity()?;
+                let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+                match refused.contains(&file.0) {
+                    true => None,
+                    false => {
+                        drop(refused);
+                        match open_backing(f) {
+                            Ok(id) => Some((file, Arc::new(id))),
+                            Err(e) => {
+                                // A backing filesystem the kernel does not pass through to
+                                // (stacked too deep, say): its files are cached from now on.
+                                tracing::warn!(error = %e, dev = file.0,
+                                    "FUSE passthrough refused: cached I/O for this filesystem");
+                                self.refused
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(file.0);
+                                None
+                            }
+                        }
+                    }
                 }
             }
-        } else {
-            None
+            false => None,
         };
         let io = match &pass {
-            Some((_, id)) => Io::Passthrough(id.clone()),
+            Some((_, id)) => {
+                self.counts.passed.fetch_add(1, Ordering::Relaxed);
+                Io::Passthrough(id.clone())
+            }
             None => Io::Cached,
         };
         all.insert(ino, NodeIo { pass, opens: 1 });
@@ -701,13 +743,13 @@ impl fuser::Filesystem for Union {
                 }
                 r => r.map_err(errno),
             }?;
-            Ok((f, write || trunc || r.layer() == 0))
+            Ok(f)
         })();
-        let (f, upper) = match r {
+        let f = match r {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
-        let io = match self.io_mode(ino.0, &f, upper, |f| reply.open_backing(f)) {
+        let io = match self.io_mode(ino.0, &f, |f| reply.open_backing(f)) {
             Ok(io) => io,
             Err(e) => return reply.error(e),
         };
@@ -737,6 +779,7 @@ impl fuser::Filesystem for Union {
         let Some(f) = self.file(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        self.counts.reads.fetch_add(1, Ordering::Relaxed);
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -1125,7 +1168,7 @@ impl fuser::Filesystem for Union {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
-        let io = match self.io_mode(a.ino.0, &f, true, |f| reply.open_backing(f)) {
+        let io = match self.io_mode(a.ino.0, &f, |f| reply.open_backing(f)) {
             Ok(io) => io,
             Err(e) => return reply.error(e),
         };
@@ -1463,12 +1506,23 @@ impl Drop for Union {
 pub struct Stats {
     nodes: Arc<Nodes>,
     inos: Arc<Inos>,
+    counts: Arc<Counts>,
 }
 
 impl Stats {
     /// Nodes the kernel holds (the root included).
     pub fn nodes(&self) -> usize {
         self.nodes.len()
+    }
+
+    /// Opens the kernel was told to pass through to their backing file.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.counts.passed.load(Ordering::Relaxed)
+    }
+
+    /// Reads this server answered (the kernel did not pass them through).
+    pub fn reads_served(&self) -> u64 {
+        self.counts.reads.load(Ordering::Relaxed)
     }
 
     /// Copied-up files and dirs that keep their origin's inode number.

@@ -8,7 +8,9 @@
 //! hard links share theirs. A copy-up gives an entry a new backing file, so the union notes the
 //! copy's origin and goes on showing the origin's number for the rest of the mount (kernel
 //! overlay keeps it in an `overlay.origin` xattr; the upper here carries no overlay xattrs, so
-//! after a remount a copied-up entry shows its upper file's number).
+//! after a remount a copied-up entry shows its upper file's number). One exception: a file
+//! copied up while its lower file is open through a passed-through inode is renumbered
+//! ([`Inos::renumber`]), since the kernel cannot give that inode a second backing file.
 //!
 //! Two numbers are reserved: 0 (none) and 1 (FUSE's root node). A backing file numbered 0 or 1
 //! (tmpfs numbers its root 1; a lower root is never an entry) is shown under [`SPARE`].
@@ -95,6 +97,13 @@ impl Inos {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(dev, ino));
+    }
+
+    /// The copy `(dev, ino)` is shown under a number of its own from now on, no longer its
+    /// origin's (the kernel still holds the origin's inode for the lower file, see
+    /// `Union::io_mode`).
+    pub fn renumber(&self, dev: u64, ino: u64) {
+        self.gone(dev, ino);
     }
 
     /// How many copied-up files keep an origin's number (for tests and statistics).

@@ -15,8 +15,8 @@
 //! - [`ops`]: the upper's changes: copy-up through the work dir, whiteouts, opaque dirs.
 //! - [`fs`]: the `fuser::Filesystem` glue (read-only without an upper): resolved directories
 //!   cached until a change touches them, listings the kernel may cache, and file I/O done by
-//!   the kernel itself where it can: files in the upper pass through to their backing file as
-//!   root (FUSE passthrough), writes go through the kernel's writeback cache otherwise.
+//!   the kernel itself where it can: every file passes through to its backing file as root
+//!   (FUSE passthrough), writes go through the kernel's writeback cache otherwise.
 //! - [`mounts`]: finding and unmounting FUSE mounts (with `fusermount3` when unprivileged).
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
 #![deny(unsafe_code)]

@@ -528,12 +528,34 @@ fn cached_writes_keep_file_semantics() {
     assert_eq!(std::fs::metadata(u.p("f")).unwrap().len(), 13);
 }
 
-/// As root the kernel passes file I/O straight to the backing files, one backing file per
-/// inode: a file kept open on the lower while a writer copies it up still works, for the
-/// writer and for every open after it (they see the upper copy).
+/// As root the kernel passes file I/O straight to the backing files, lower ones too: reads of
+/// a lower file never reach the server.
+#[test]
+fn lower_files_pass_through_as_root() {
+    let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+    let u = Union::new(|l| std::fs::write(l.join("f"), &data).unwrap());
+    assert_eq!(std::fs::read(u.p("f")).unwrap(), data);
+    assert!(
+        u.stats.passthrough_opens() >= 1,
+        "the open of a lower file was not passed through (FUSE passthrough needs kernel 6.9+ and root)"
+    );
+    assert_eq!(
+        u.stats.reads_served(),
+        0,
+        "reads of a passed-through file reached the server"
+    );
+}
+
+/// One backing file per inode: a file kept open on the lower while a writer copies it up still
+/// works, and so do the writer and every open after it (they see the upper copy, under an
+/// inode number of its own, the same in `stat` and in the listing). The reader goes on reading
+/// the lower file.
 #[test]
 fn opens_across_a_copy_up_all_work() {
-    let u = Union::new(|l| std::fs::write(l.join("f"), b"lower data").unwrap());
+    let u = Union::new(|l| {
+        std::fs::write(l.join("f"), b"lower data").unwrap();
+        std::fs::write(l.join("g"), b"lower data").unwrap();
+    });
     let reader = std::fs::File::open(u.p("f")).unwrap();
     let mut head = [0u8; 5];
     std::os::unix::fs::FileExt::read_exact_at(&reader, &mut head, 0).unwrap();
@@ -544,11 +566,40 @@ fn opens_across_a_copy_up_all_work() {
         .unwrap();
     std::os::unix::fs::FileExt::write_all_at(&w, b"UPPER", 0).unwrap();
     assert_eq!(std::fs::read(u.p("f")).unwrap(), b"UPPER data");
+    // A second writer, and a reader of the name, while the first reader is still open.
+    let mut w2 = std::fs::OpenOptions::new()
+        .append(true)
+        .open(u.p("f"))
+        .unwrap();
+    w2.write_all(b"!").unwrap();
+    drop(w2);
+    assert_eq!(std::fs::read(u.p("f")).unwrap(), b"UPPER data!");
+    std::os::unix::fs::FileExt::read_exact_at(&reader, &mut head, 0).unwrap();
+    assert_eq!(&head, b"lower");
+    let listed = std::fs::read_dir(&u.at)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == "f")
+        .unwrap();
+    let ino = std::fs::metadata(u.p("f")).unwrap().ino();
+    assert_eq!(std::os::unix::fs::DirEntryExt::ino(&listed), ino);
     drop(w);
     drop(reader);
-    assert_eq!(std::fs::read(u.p("f")).unwrap(), b"UPPER data");
-    assert_eq!(std::fs::read(u.upper.join("f")).unwrap(), b"UPPER data");
+    assert_eq!(std::fs::read(u.p("f")).unwrap(), b"UPPER data!");
+    assert_eq!(std::fs::metadata(u.p("f")).unwrap().ino(), ino);
+    assert_eq!(std::fs::read(u.upper.join("f")).unwrap(), b"UPPER data!");
     assert_eq!(std::fs::read(u.lower.join("f")).unwrap(), b"lower data");
+
+    // Copied up by a truncate (no open) under a reader, then opened for writing.
+    let reader = std::fs::File::open(u.p("g")).unwrap();
+    nix::unistd::truncate(&u.p("g"), 3).unwrap();
+    let mut w = std::fs::OpenOptions::new()
+        .append(true)
+        .open(u.p("g"))
+        .unwrap();
+    w.write_all(b"+").unwrap();
+    drop((w, reader));
+    assert_eq!(std::fs::read(u.p("g")).unwrap(), b"low+");
 }
 
 /// A char 0:0 made through the mount is a whiteout in the upper, so the name is not there,
