@@ -4,9 +4,11 @@
 //! `report.md`, `report.json` and `report.svg` (grouped bars: speed relative to the volume).
 //!
 //! Each round sets up every backend afresh on the same lower content (a copy of it for the
-//! volume and tmpfs, the lower of a union otherwise), in a rotating order, and runs the
-//! workloads in an order where the destructive ones come last. Page caches are dropped before
-//! the cold-read row when running as root.
+//! volume and tmpfs, the lower of a union otherwise), then runs each workload on every backend
+//! (in an order that rotates by workload and round) before the next workload, so neighbouring
+//! figures share the machine's noise; the destructive workloads come last. Files are deleted
+//! between rounds only (a deletion's discards slow whatever writes next on a VM disk). Page
+//! caches are dropped before each run of the cold-read row.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -75,101 +77,117 @@ fn fuse_overlayfs_rs() -> PathBuf {
 struct Workload {
     name: String,
     run: fn(&Path, &Path, &Sizes) -> Result<()>,
-    cold: bool,
+    prep: Prep,
+}
+
+/// What comes before a workload's timed run on a backend, so that every backend starts it
+/// from the same state whatever ran just before on the others (they share the lower).
+#[derive(Clone, Copy)]
+enum Prep {
+    Nothing,
+    /// Every page cache dropped: the data comes from the disk.
+    DropCaches,
+    /// The workload run once untimed first: its data is cached wherever the backend caches.
+    Twice,
+    /// The lower's tree of small files (and the dir to rename) stat'ed directly, untimed: its
+    /// metadata is in the host's caches, the union's own caches are as the backend left them.
+    Tree,
+    /// This lower file read directly, untimed.
+    File(&'static str),
 }
 
 fn workloads(s: &Sizes) -> Vec<Workload> {
     let mib = |b: u64| b >> 20;
-    let w = |name: String, run: fn(&Path, &Path, &Sizes) -> Result<()>, cold| Workload {
+    let w = |name: String, run: fn(&Path, &Path, &Sizes) -> Result<()>, prep| Workload {
         name,
         run,
-        cold,
+        prep,
     };
     vec![
         w(
             format!("seq read {} MiB (cold)", mib(s.seq)),
             seq_read,
-            true,
+            Prep::DropCaches,
         ),
         w(
             format!("seq read {} MiB (warm)", mib(s.seq)),
             seq_read,
-            false,
+            Prep::Twice,
         ),
         w(
             format!("4k rand read x{} (psync)", s.rand_ops),
             rand_read,
-            false,
+            Prep::DropCaches,
         ),
         w(
             format!("4k rand read x{} (16 deep)", s.rand_ops),
             rand_read_deep,
-            false,
+            Prep::DropCaches,
         ),
         w(
             format!("stat {} lower files", s.small_files),
             stat_all,
-            false,
+            Prep::Tree,
         ),
         w(
             format!("readdir {} entries", s.small_files),
             readdir_all,
-            false,
+            Prep::Tree,
         ),
         w(
             format!("seq write {} MiB + fsync", mib(s.seq)),
             seq_write,
-            false,
+            Prep::Nothing,
         ),
         w(
             format!("4k rand write x{} + fsync", s.rand_ops / 4),
             rand_write,
-            false,
+            Prep::Nothing,
         ),
         w(
             format!("4k rand write x{} (16 deep) + fsync", s.rand_ops / 4),
             rand_write_deep,
-            false,
+            Prep::Nothing,
         ),
         w(
             format!("create {} files", s.small_files),
             create_many,
-            false,
+            Prep::Nothing,
         ),
         w(
             "copy-up 4 KiB file".into(),
             |m, _, _| append_byte(&m.join("small-4k")),
-            false,
+            Prep::File("small-4k"),
         ),
         w(
             format!("copy-up {} MiB file", mib(s.medium)),
             |m, _, _| append_byte(&m.join("medium")),
-            false,
+            Prep::File("medium"),
         ),
         w(
             format!("copy-up {} MiB file", mib(s.large)),
             |m, _, _| append_byte(&m.join("large")),
-            true,
+            Prep::File("large"),
         ),
         w(
             format!("rename lower dir of {} files", s.rename_files),
             rename_dir,
-            false,
+            Prep::Tree,
         ),
         w(
             format!("extract {} MiB tree", mib(s.extract)),
             extract,
-            false,
+            Prep::Nothing,
         ),
         w(
             format!("sqlite {} inserts, fsync each", s.inserts),
             sqlite,
-            false,
+            Prep::Nothing,
         ),
         w(
             format!("unlink {} lower files", s.small_files),
             unlink_all,
-            false,
+            Prep::Tree,
         ),
     ]
 }
@@ -567,6 +585,29 @@ impl Env {
     }
 }
 
+/// Stats the lower's tree of small files and the dir to rename, directly (see [`Prep::Tree`]).
+fn prime_tree(lower: &Path) -> Result<()> {
+    for top in ["tree", "renameme"] {
+        let top = lower.join(top);
+        if !top.exists() {
+            continue; // renamed or deleted by an earlier workload
+        }
+        for d in std::iter::once(top.clone()).chain(
+            std::fs::read_dir(&top)
+                .map_err(err("read dir", &top))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_dir()),
+        ) {
+            for e in std::fs::read_dir(&d).map_err(err("read dir", &d))? {
+                let e = e.map_err(err("read dir", &d))?;
+                std::fs::symlink_metadata(e.path()).map_err(err("stat", &e.path()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn drop_caches() {
     nix::unistd::sync();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
@@ -629,32 +670,63 @@ pub fn run(quick: bool, rounds: usize, out: &Path, dir: &Path) -> Result<()> {
         let mut cells = vec![vec![Cell { runs: Vec::new() }; backends.len()]; ws.len()];
         let started = Instant::now();
         let mut notes: Vec<String> = Vec::new();
+        // Every backend is set up for the whole round and the workloads interleave: each
+        // workload runs on every backend (in an order that rotates) before the next one, so
+        // they share the machine's noise. Files are deleted between rounds only: a deletion
+        // discards blocks on this kind of disk, which slows whatever writes next.
         for round in 0..rounds {
-            for i in 0..backends.len() {
-                let b = (i + round) % backends.len();
-                let kind = backends[b];
-                eprintln!("strata bench: round {}/{rounds}: {kind}", round + 1);
-                let env = Env::up(kind, &scratch, round)?;
-                EXDEV_SEEN.store(false, std::sync::atomic::Ordering::Relaxed);
-                for (w, wl) in ws.iter().enumerate() {
-                    if wl.cold {
-                        drop_caches();
+            eprintln!("strata bench: round {}/{rounds}", round + 1);
+            let mut envs = Vec::new();
+            for kind in &backends {
+                envs.push(Env::up(kind, &scratch, round)?);
+            }
+            for (w, wl) in ws.iter().enumerate() {
+                for i in 0..backends.len() {
+                    let b = (i + round + w) % backends.len();
+                    let env = &envs[b];
+                    // What the backend's workloads see as the lower: its own copy for the
+                    // volume and tmpfs.
+                    let lower = match env.kind {
+                        "volume" | "tmpfs" => env.dir.clone(),
+                        _ => scratch.join("lower"),
+                    };
+                    match wl.prep {
+                        Prep::Nothing => {}
+                        Prep::DropCaches => drop_caches(),
+                        Prep::Twice => (wl.run)(&env.dir, &scratch, &sizes)
+                            .with_context(|| format!("{} on {}", wl.name, env.kind))?,
+                        Prep::Tree => prime_tree(&lower)?,
+                        Prep::File(f) => {
+                            let p = lower.join(f);
+                            std::io::copy(
+                                &mut File::open(&p).map_err(err("open", &p))?,
+                                &mut std::io::sink(),
+                            )
+                            .map_err(err("read", &p))?;
+                        }
                     }
+                    EXDEV_SEEN.store(false, std::sync::atomic::Ordering::Relaxed);
                     let t = Instant::now();
                     (wl.run)(&env.dir, &scratch, &sizes)
-                        .with_context(|| format!("{} on {kind}", wl.name))?;
+                        .with_context(|| format!("{} on {}", wl.name, env.kind))?;
                     cells[w][b].runs.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-                if EXDEV_SEEN.load(std::sync::atomic::Ordering::Relaxed) {
-                    let note = format!(
-                        "{kind}: renaming a lower directory failed with EXDEV; timed as mv does it (copy, then delete)"
-                    );
-                    if !notes.contains(&note) {
-                        notes.push(note);
+                    if EXDEV_SEEN.load(std::sync::atomic::Ordering::Relaxed) {
+                        let note = format!(
+                            "{}: renaming a lower directory failed with EXDEV; timed as mv does it (copy, then delete)",
+                            env.kind
+                        );
+                        if !notes.contains(&note) {
+                            notes.push(note);
+                        }
                     }
                 }
+            }
+            for env in envs {
                 env.down(&scratch, round)?;
             }
+            // Let the deletions' discards drain before the next round.
+            nix::unistd::sync();
+            std::thread::sleep(Duration::from_secs(2));
         }
         let report = Report {
             quick,
