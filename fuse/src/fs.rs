@@ -117,6 +117,10 @@ pub struct Union {
     /// The kernel passes file I/O straight to the backing files (FUSE passthrough, kernel 6.9+,
     /// as root): reads and writes at the backing filesystem's speed.
     passthrough: std::sync::atomic::AtomicBool,
+    /// The kernel leaves clearing set-user-ID and set-group-ID bits on write and truncate to
+    /// this server (`FUSE_HANDLE_KILLPRIV_V2`, asked with passthrough): otherwise it asks for
+    /// `security.capability` before every write, a round trip each. See [`Union::kill_suid`].
+    killpriv: std::sync::atomic::AtomicBool,
     /// Filesystems (`st_dev`) whose files the kernel refused to pass through to (stacked too
     /// deep): their files are cached.
     refused: Mutex<std::collections::HashSet<u64>>,
@@ -204,6 +208,7 @@ impl Union {
             writeback: false,
             passthrough: std::sync::atomic::AtomicBool::new(false),
             refused: Mutex::new(std::collections::HashSet::new()),
+            killpriv: std::sync::atomic::AtomicBool::new(false),
             node_io: Mutex::new(HashMap::new()),
             counts: Arc::default(),
         }
@@ -368,6 +373,28 @@ impl Union {
         if nix::unistd::geteuid().is_root() {
             let _ = std::os::unix::fs::lchown(real, Some(req.uid()), Some(req.gid()));
         }
+    }
+
+    /// `f` is written or truncated by `req`'s caller: its set-user-ID bit goes, and its
+    /// set-group-ID bit where the group may execute or the caller is not of the file's group,
+    /// as the kernel's own rule has it for a caller without `CAP_FSETID` (root here is taken to
+    /// have it). Only where the kernel left this to the server (`killpriv`): writes
+    /// that pass through never reach it, so an open for writing clears the bits at once.
+    fn kill_suid(&self, req: &Request, f: &File) -> Result<(), Errno> {
+        if !self.killpriv.load(Ordering::Relaxed) || req.uid() == 0 {
+            return Ok(());
+        }
+        let st = nix::sys::stat::fstat(f).map_err(|e| Errno::from_i32(e as i32))?;
+        let mode = st.st_mode & 0o7777;
+        let mut keep = mode & !libc::S_ISUID;
+        if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || req.gid() != st.st_gid) {
+            keep &= !libc::S_ISGID;
+        }
+        if keep != mode {
+            nix::sys::stat::fchmod(f, nix::sys::stat::Mode::from_bits_truncate(keep))
+                .map_err(|e| Errno::from_i32(e as i32))?;
+        }
+        Ok(())
     }
 
     /// The entry reply for `rel`, just made in the upper by a change.
@@ -644,7 +671,7 @@ impl fuser::Filesystem for Union {
             && config.capabilities().contains(F::FUSE_PASSTHROUGH)
             && config.set_max_stack_depth(1).is_ok();
         if pass {
-            want |= F::FUSE_PASSTHROUGH;
+            want |= F::FUSE_PASSTHROUGH | F::FUSE_HANDLE_KILLPRIV_V2;
         } else if self.upper.is_some() {
             want |= F::FUSE_WRITEBACK_CACHE;
         }
@@ -652,6 +679,8 @@ impl fuser::Filesystem for Union {
         self.passthrough
             .store(want.contains(F::FUSE_PASSTHROUGH), Ordering::SeqCst);
         self.writeback = want.contains(F::FUSE_WRITEBACK_CACHE);
+        self.killpriv
+            .store(want.contains(F::FUSE_HANDLE_KILLPRIV_V2), Ordering::SeqCst);
         let _ = config.add_capabilities(want);
         let _ = config.set_max_background(64);
         let _ = config
@@ -716,7 +745,7 @@ impl fuser::Filesystem for Union {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let r = (|| {
             let (path, r) = self.resolve(ino.0)?;
             let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
@@ -743,6 +772,9 @@ impl fuser::Filesystem for Union {
                 }
                 r => r.map_err(errno),
             }?;
+            if write || trunc {
+                self.kill_suid(req, &f)?;
+            }
             Ok(f)
         })();
         let f = match r {
@@ -756,12 +788,15 @@ impl fuser::Filesystem for Union {
         let fh = self.add_handle(Handle::File(ino.0, Arc::new(f)));
         match io {
             Io::Passthrough(id) => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
             }
             // The kernel may keep this inode's cached pages across opens: every change to a
             // file goes through this mount (lowers are immutable, the upper is ours), so the
             // cache cannot go stale; a copy-up copies the same bytes.
-            Io::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Io::Cached => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ),
         }
     }
 
@@ -809,7 +844,7 @@ impl fuser::Filesystem for Union {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -842,13 +877,19 @@ impl fuser::Filesystem for Union {
                 std::os::unix::fs::lchown(&real, uid, gid).map_err(errno)?;
             }
             if let Some(sz) = size {
-                match fh.and_then(|fh| self.file(fh.0)) {
-                    Some(f) => f.set_len(sz).map_err(errno)?,
-                    None => std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&real)
-                        .and_then(|f| f.set_len(sz))
-                        .map_err(errno)?,
+                let f = match fh.and_then(|fh| self.file(fh.0)) {
+                    Some(f) => f,
+                    None => Arc::new(
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .custom_flags(libc::O_NOFOLLOW)
+                            .open(&real)
+                            .map_err(errno)?,
+                    ),
+                };
+                f.set_len(sz).map_err(errno)?;
+                if mode.is_none() {
+                    self.kill_suid(req, &f)?;
                 }
             }
             if atime.is_some() || mtime.is_some() {
@@ -1175,21 +1216,24 @@ impl fuser::Filesystem for Union {
         let fh = FileHandle(self.add_handle(Handle::File(a.ino.0, Arc::new(f))));
         match io {
             Io::Passthrough(id) => {
-                let flags = FopenFlags::empty();
+                let flags = FopenFlags::FOPEN_NOFLUSH;
                 reply.created_passthrough(&TTL, &a, Generation(0), fh, flags, &id);
             }
-            Io::Cached => reply.created(&TTL, &a, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE),
+            Io::Cached => {
+                let flags = FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH;
+                reply.created(&TTL, &a, Generation(0), fh, flags)
+            }
         }
     }
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: fuser::WriteFlags,
+        write_flags: fuser::WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: fuser::ReplyWrite,
@@ -1197,6 +1241,11 @@ impl fuser::Filesystem for Union {
         let Some(f) = self.file(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        if write_flags.contains(fuser::WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            if let Err(e) = self.kill_suid(req, &f) {
+                return reply.error(e);
+            }
+        }
         match f.write_all_at(data, offset) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(errno(e)),

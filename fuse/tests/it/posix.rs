@@ -623,3 +623,45 @@ fn a_char_0_0_made_through_the_mount_is_a_whiteout() {
     );
     assert!(!names(&u.at).contains(&"dev".to_string()));
 }
+
+/// A write or truncate by a caller without `CAP_FSETID` clears the set-user-ID and (group
+/// executable) set-group-ID bits; one by root keeps them. With passthrough the kernel leaves
+/// this to the server, and the writes themselves never reach it.
+#[test]
+fn writes_by_others_clear_set_id_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let u = Union::new(|l| {
+        for n in ["w", "t", "r"] {
+            std::fs::write(l.join(n), b"data").unwrap();
+            std::fs::set_permissions(l.join(n), std::fs::Permissions::from_mode(0o6777)).unwrap();
+        }
+    });
+    let as_nobody = |cmd: String| {
+        let st = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+            ])
+            .arg(&cmd)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{cmd} as nobody failed");
+    };
+    as_nobody(format!("printf x >> {}", u.p("w").display()));
+    as_nobody(format!("truncate -s 1 {}", u.p("t").display()));
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(u.p("r"))
+        .unwrap();
+    f.write_all(b"x").unwrap();
+    drop(f);
+    let mode = |n: &str| std::fs::metadata(u.p(n)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode("w"), 0o777);
+    assert_eq!(mode("t"), 0o777);
+    assert_eq!(mode("r"), 0o6777);
+    assert_eq!(std::fs::read(u.p("w")).unwrap(), b"datax");
+    assert_eq!(std::fs::read(u.p("t")).unwrap(), b"d");
+}
