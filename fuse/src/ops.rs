@@ -111,8 +111,11 @@ fn copy_meta(src: &Path, dst: &Path, st: &std::fs::Metadata) -> Result<(), Errno
     .map_err(nix_errno)
 }
 
-/// Copies the data of regular file `src` into the new file `dst`.
-fn copy_data(src: &Path, dst: &Path) -> Result<(), Errno> {
+/// Copies the data of regular file `src` into the new file `dst`, and syncs it: the copy is
+/// renamed into the upper next, and a crash, power loss included, must not leave a name there
+/// whose data never reached the disk (kernel overlay syncs its copies too, unless `volatile`).
+/// `sync` false: the caller syncs the whole filesystem once instead (a tree's copy).
+fn copy_data(src: &Path, dst: &Path, sync: bool) -> Result<(), Errno> {
     let mut s = std::fs::File::open(src).map_err(errno)?;
     let mut d = std::fs::OpenOptions::new()
         .write(true)
@@ -121,6 +124,9 @@ fn copy_data(src: &Path, dst: &Path) -> Result<(), Errno> {
         .map_err(errno)?;
     // std::io::copy uses copy_file_range on Linux for file-to-file copies.
     std::io::copy(&mut s, &mut d).map_err(errno)?;
+    if sync {
+        d.sync_all().map_err(errno)?;
+    }
     Ok(())
 }
 
@@ -170,6 +176,11 @@ impl Upper {
     /// Copies `rel` up into the upper if it is not there yet (directories: the directory
     /// itself, not its contents). A hard-linked file's other names are linked to the copy.
     pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
+        self.copy_up_with(stack, rel, true)
+    }
+
+    /// [`Upper::copy_up`]; `sync` false leaves a file's data for one `syncfs` by the caller.
+    fn copy_up_with(&self, stack: &Stack, rel: &Path, sync: bool) -> Result<(), Errno> {
         // Already in the upper (the top layer, so it is what the merged view shows): nothing to
         // do, and no walk through the layers to find that out.
         if std::fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| !is_whiteout(&m)) {
@@ -191,7 +202,7 @@ impl Upper {
         let ft = meta.file_type();
         let made = (|| {
             if ft.is_file() {
-                copy_data(&src, &tmp)?;
+                copy_data(&src, &tmp, sync)?;
             } else if ft.is_symlink() {
                 let target = std::fs::read_link(&src).map_err(errno)?;
                 std::os::unix::fs::symlink(target, &tmp).map_err(errno)?;
@@ -247,20 +258,35 @@ impl Upper {
 
     /// Copies the whole merged tree at `rel` (a directory) into the upper and marks the upper
     /// copy opaque: it is complete, nothing below may show through it any more.
+    /// The files' data is synced with one `syncfs` of the upper's filesystem, before the copy
+    /// is marked opaque (one sync per file made renaming a large lower directory slow).
     pub fn copy_up_tree(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
-        self.copy_up(stack, rel)?;
+        let mut dirs = Vec::new();
+        self.copy_tree(stack, rel, &mut dirs)?;
+        let root = std::fs::File::open(&self.root).map_err(errno)?;
+        nix::unistd::syncfs(&root).map_err(nix_errno)?;
+        for d in dirs {
+            self.set_opaque(&self.root.join(d))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the tree at `rel` up, noting its directories in `dirs` (to be marked opaque).
+    fn copy_tree(&self, stack: &Stack, rel: &Path, dirs: &mut Vec<PathBuf>) -> Result<(), Errno> {
+        self.copy_up_with(stack, rel, false)?;
         let Some(Resolved::Dir { layers, .. }) = stack.resolve(rel) else {
             return Err(Errno::ENOTDIR);
         };
         for (name, e) in stack.read_dir(&layers, rel).map_err(errno)? {
             let child = rel.join(&name);
             if e.kind() == libc::S_IFDIR {
-                self.copy_up_tree(stack, &child)?;
+                self.copy_tree(stack, &child, dirs)?;
             } else {
-                self.copy_up(stack, &child)?;
+                self.copy_up_with(stack, &child, false)?;
             }
         }
-        self.set_opaque(&self.root.join(rel))
+        dirs.push(rel.to_path_buf());
+        Ok(())
     }
 
     /// Marks an upper directory opaque: with the opaque xattr, or where the filesystem refuses
