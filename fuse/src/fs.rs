@@ -29,9 +29,12 @@ use crate::ino::Inos;
 use crate::layer::{Resolved, Stack};
 use crate::node::{Nodes, ROOT};
 
-/// How long the kernel may cache entries and attributes: the lower layers never change under a
-/// mount, so a second is safe and saves most repeated lookups.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache entries and attributes. The union has its layers to itself:
+/// lowers never change under a mount, and every change to the upper goes through this mount,
+/// where the kernel updates or drops what it caches (changing layers under a mount is
+/// undefined on kernel overlay too). So an hour: a name looked up again later costs no round
+/// trip, where a second's TTL had every path walk after a pause revalidate each component.
+const TTL: Duration = Duration::from_secs(3600);
 
 /// Directories kept resolved at most (the cache is dropped whole beyond; memory stays bounded).
 const DIR_CACHE: usize = 65_536;
@@ -1388,8 +1391,8 @@ impl fuser::Filesystem for Union {
             let Some(st) = st else {
                 continue; // "." and "..": the kernel looks nothing up for them
             };
-            let path = list.dir.join(name);
-            self.looked_up(&path, *n);
+            self.nodes.looked_up_in(&list.dir, name, *n);
+            self.evict.check(self.nodes.len());
             if reply.add(
                 INodeNo(*n),
                 (i + 1) as u64,

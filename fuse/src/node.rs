@@ -13,6 +13,8 @@
 //! the path is unlinked.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -129,16 +131,53 @@ impl Nodes {
     /// The kernel has looked `path` up and been answered with node `id` (a lookup, or an
     /// entry made or listed with its attributes): one more reference.
     pub fn looked_up(&self, path: &Path, id: u64) {
-        let now = self.clock.fetch_add(1, Ordering::Relaxed);
-        {
-            let t = self.read();
-            if t.by_path.get(path) == Some(&id) {
-                let n = &t.nodes[&id];
-                n.lookups.fetch_add(1, Ordering::Relaxed);
-                n.used.store(now, Ordering::Relaxed);
-                return;
-            }
+        if self.known(id, |p| p == path.as_os_str().as_bytes()) {
+            return;
         }
+        self.add(path, id);
+    }
+
+    /// [`Nodes::looked_up`] for `name` in directory `dir`: the path is only made when the
+    /// node or the name is new (a listing's entries are mostly known).
+    pub fn looked_up_in(&self, dir: &Path, name: &OsStr, id: u64) {
+        let (d, n) = (dir.as_os_str().as_bytes(), name.as_bytes());
+        let is = |p: &[u8]| {
+            if d.is_empty() {
+                return p == n;
+            }
+            p.len() == d.len() + 1 + n.len()
+                && p.starts_with(d)
+                && p[d.len()] == b'/'
+                && p.ends_with(n)
+        };
+        if self.known(id, is) {
+            return;
+        }
+        self.add(&dir.join(name), id);
+    }
+
+    /// One more reference to node `id` if it is known by a name `is` accepts (its path or an
+    /// alias: the names the path map has for it); false otherwise.
+    fn known(&self, id: u64, is: impl Fn(&[u8]) -> bool) -> bool {
+        let t = self.read();
+        let Some(n) = t.nodes.get(&id) else {
+            return false;
+        };
+        let named = n.named
+            && (is(n.path.as_os_str().as_bytes())
+                || n.aliases.iter().any(|a| is(a.as_os_str().as_bytes())));
+        if named {
+            n.lookups.fetch_add(1, Ordering::Relaxed);
+            n.used.store(
+                self.clock.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+        }
+        named
+    }
+
+    fn add(&self, path: &Path, id: u64) {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
         let mut t = self.write();
         match t.nodes.get(&id) {
             Some(n) => {
@@ -326,6 +365,31 @@ mod tests {
         );
         assert_eq!(n.id(p("m/b")), None);
         assert_eq!(n.id(p("a-b")), Some(103));
+    }
+
+    #[test]
+    fn a_listing_counts_known_names_and_names_new_ones() {
+        let n = Nodes::new();
+        let (d, name) = (p("d/e"), OsStr::new("f"));
+        n.looked_up_in(p(""), OsStr::new("top"), 7);
+        assert_eq!(n.id(p("top")), Some(7));
+        n.looked_up_in(d, name, 8);
+        n.looked_up_in(d, name, 8);
+        assert_eq!(n.id(p("d/e/f")), Some(8));
+        // A name that merely ends like a known one is another name.
+        n.looked_up_in(p("d"), OsStr::new("e/f"), 8);
+        n.looked_up_in(p("x/d/e"), name, 8);
+        assert_eq!(n.id(p("x/d/e/f")), Some(8), "a second name of the node");
+        n.forget_path(p("d"));
+        assert_eq!(n.id(p("d/e/f")), None);
+        n.looked_up_in(d, name, 8);
+        assert_eq!(
+            n.id(p("d/e/f")),
+            Some(8),
+            "a deleted name listed again is named again"
+        );
+        n.forget(8, 5);
+        assert!(n.path(8).is_none(), "five references in all");
     }
 
     #[test]
