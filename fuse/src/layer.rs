@@ -12,9 +12,9 @@
 //!   directories of the same path below it (until an opaque one or a non-directory);
 //! - the marker names themselves (`.wh.*`) are never part of the merged view.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -280,15 +280,19 @@ impl Stack {
 
     /// The merged listing of the directory `rel` made of `layers` (top first): every name of
     /// every contributing layer once, from the topmost layer that has it, without whited-out
-    /// names or markers.
+    /// names or markers; in the layers' own order (upper names first), as kernel overlay lists.
+    /// A directory of one layer (most of a lower tree) needs no merging: no name sets.
     pub fn read_dir(
         &self,
         layers: &[usize],
         rel: &Path,
-    ) -> std::io::Result<BTreeMap<OsString, DirEntry>> {
-        let mut out: BTreeMap<OsString, DirEntry> = BTreeMap::new();
+    ) -> std::io::Result<Vec<(OsString, DirEntry)>> {
+        let mut out = Vec::new();
+        let merging = layers.len() > 1;
+        let mut seen: std::collections::HashSet<OsString> = Default::default();
         let mut hidden: std::collections::HashSet<OsString> = Default::default();
-        for &i in layers {
+        for (k, &i) in layers.iter().enumerate() {
+            let below = k + 1 < layers.len();
             let path = self.path(i, rel);
             // Entries are stat'ed beside the open directory (no walk of the whole path each).
             let mut dir = match nix::dir::Dir::open(
@@ -316,23 +320,31 @@ impl Stack {
             for cname in names {
                 let bytes = cname.to_bytes();
                 if let Some(rest) = bytes.strip_prefix(WHITEOUT_PREFIX) {
-                    if bytes != OPAQUE_MARKER {
+                    if below && bytes != OPAQUE_MARKER {
                         whiteouts.push(OsStr::from_bytes(rest).to_os_string());
                     }
                     continue;
                 }
-                let name = OsStr::from_bytes(bytes).to_os_string();
-                if out.contains_key(&name) || hidden.contains(&name) {
-                    continue;
+                if merging {
+                    let name = OsStr::from_bytes(bytes);
+                    if seen.contains(name) || hidden.contains(name) {
+                        continue;
+                    }
                 }
                 let Ok(st) = fstatat(&dir, cname.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
                     continue;
                 };
+                let name = OsString::from_vec(cname.into_bytes());
                 if is_whiteout(&st) {
-                    hidden.insert(name);
+                    if below {
+                        hidden.insert(name);
+                    }
                     continue;
                 }
-                out.insert(name, DirEntry { layer: i, stat: st });
+                if merging {
+                    seen.insert(name.clone());
+                }
+                out.push((name, DirEntry { layer: i, stat: st }));
             }
             // `.wh.NAME` hides NAME below this layer (this layer's own NAME, if any, stays).
             hidden.extend(whiteouts);
@@ -371,11 +383,14 @@ mod tests {
         let Some(Resolved::Dir { layers, .. }) = s.resolve(Path::new(rel)) else {
             panic!("{rel} is not a directory");
         };
-        s.read_dir(&layers, Path::new(rel))
+        let mut v: Vec<String> = s
+            .read_dir(&layers, Path::new(rel))
             .unwrap()
-            .keys()
-            .map(|k| k.to_string_lossy().into_owned())
-            .collect()
+            .iter()
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
     }
 
     #[test]
