@@ -91,11 +91,37 @@ struct OpenDir {
     list: Mutex<Option<Arc<Listing>>>,
 }
 
-/// An open directory's listing: its path, and each entry's name, inode number, type and (but
-/// for "." and "..") attributes.
+/// An open directory's listing: its path, "." and ".." with their inode numbers, and the
+/// merged entries (whose attributes are read when readdirplus sends them).
 struct Listing {
     dir: PathBuf,
-    entries: Vec<(std::ffi::OsString, u64, FileType, Option<FileStat>)>,
+    dots: [u64; 2],
+    merged: crate::layer::MergedDir,
+}
+
+impl Listing {
+    /// Entries from `offset` on, each with the offset of the one after it: "." and ".." first
+    /// (with their numbers), then the merged ones.
+    fn from(&self, offset: u64) -> impl Iterator<Item = (u64, &OsStr, Listed<'_>)> {
+        let dots = [(".", self.dots[0]), ("..", self.dots[1])]
+            .into_iter()
+            .map(|(n, ino)| (OsStr::new(n), Listed::Dot(ino)));
+        let merged = self
+            .merged
+            .entries
+            .iter()
+            .map(|(n, e)| (n.as_os_str(), Listed::Merged(e)));
+        dots.chain(merged)
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, (n, e))| ((i + 1) as u64, n, e))
+    }
+}
+
+/// One entry of a [`Listing`].
+enum Listed<'a> {
+    Dot(u64),
+    Merged(&'a crate::layer::DirEntry),
 }
 
 /// The union filesystem served over FUSE.
@@ -139,6 +165,8 @@ struct Counts {
     passed: AtomicU64,
     /// Reads served here (not passed through).
     reads: AtomicU64,
+    /// Entries of listings with attributes answered from remembered lower attributes.
+    remembered: AtomicU64,
 }
 
 use crate::ops::errno;
@@ -618,21 +646,18 @@ impl Union {
         let Resolved::Dir { layers, stat } = &r else {
             return Err(Errno::ENOTDIR);
         };
-        let names = self.stack.read_dir(layers, &path).map_err(errno)?;
+        let merged = self.stack.read_dir(layers, &path).map_err(errno)?;
         let here = if ino == ROOT { self.inos.of(stat) } else { ino };
         // The root's ".." is itself.
         let parent = match path.parent() {
             Some(p) => self.resolve_path(p).map(|r| self.inos.of(r.stat()))?,
             None => here,
         };
-        let mut entries = Vec::with_capacity(names.len() + 2);
-        entries.push((".".into(), here, FileType::Directory, None));
-        entries.push(("..".into(), parent, FileType::Directory, None));
-        for (name, e) in names {
-            let n = self.inos.of(&e.stat);
-            entries.push((name, n, file_type(e.kind()), Some(e.stat)));
-        }
-        Ok(Listing { dir: path, entries })
+        Ok(Listing {
+            dir: path,
+            dots: [here, parent],
+            merged,
+        })
     }
 
     fn xattr_names(&self, real: &Path) -> std::io::Result<Vec<u8>> {
@@ -705,6 +730,11 @@ impl fuser::Filesystem for Union {
                 .ok_or(Errno::ENOENT)?;
             let id = self.inos.of(child.stat());
             self.looked_up(&ppath.join(name), id);
+            if let Resolved::File { layer, stat } = &child {
+                if Some(*layer) != self.stack.upper() {
+                    self.nodes.remember_lower(id, stat);
+                }
+            }
             Ok(attr(id, child.stat()))
         })();
         match r {
@@ -1364,8 +1394,12 @@ impl fuser::Filesystem for Union {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        for (i, (name, n, kind, _)) in list.entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*n), (i + 1) as u64, *kind, name) {
+        for (next, name, e) in list.from(offset) {
+            let (n, kind) = match e {
+                Listed::Dot(n) => (n, FileType::Directory),
+                Listed::Merged(e) => (self.inos.of_file(e.file.0, e.file.1), file_type(e.kind())),
+            };
+            if reply.add(INodeNo(n), next, kind, name) {
                 break;
             }
         }
@@ -1387,22 +1421,39 @@ impl fuser::Filesystem for Union {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        for (i, (name, n, _, st)) in list.entries.iter().enumerate().skip(offset as usize) {
-            let Some(st) = st else {
+        for (next, name, e) in list.from(offset) {
+            let Listed::Merged(e) = e else {
                 continue; // "." and "..": the kernel looks nothing up for them
             };
-            self.nodes.looked_up_in(&list.dir, name, *n);
-            self.evict.check(self.nodes.len());
-            if reply.add(
-                INodeNo(*n),
-                (i + 1) as u64,
-                name,
-                &TTL,
-                &attr(*n, st),
-                Generation(0),
-            ) {
+            // A lower file the kernel holds: its attributes are remembered (lower layers do
+            // not change while mounted), so the listing costs no lstat for it.
+            let lower = Some(e.layer) != self.stack.upper();
+            let n = self.inos.of_file(e.file.0, e.file.1);
+            let st = match lower
+                .then(|| self.nodes.lower_attrs_in(&list.dir, name, n, e.file))
+                .flatten()
+            {
+                Some(st) => {
+                    self.counts.remembered.fetch_add(1, Ordering::Relaxed);
+                    st
+                }
+                None => {
+                    let Some(st) = list.merged.stat(name, e) else {
+                        continue; // gone since the listing was read
+                    };
+                    let n = self.inos.of(&st);
+                    self.nodes.looked_up_in(&list.dir, name, n);
+                    if lower {
+                        self.nodes.remember_lower(n, &st);
+                    }
+                    self.evict.check(self.nodes.len());
+                    st
+                }
+            };
+            let n = self.inos.of(&st);
+            if reply.add(INodeNo(n), next, name, &TTL, &attr(n, &st), Generation(0)) {
                 // Did not fit: not sent, so not a reference.
-                self.nodes.forget(*n, 1);
+                self.nodes.forget(n, 1);
                 break;
             }
         }
@@ -1575,6 +1626,12 @@ impl Stats {
     /// Reads this server answered (the kernel did not pass them through).
     pub fn reads_served(&self) -> u64 {
         self.counts.reads.load(Ordering::Relaxed)
+    }
+
+    /// Entries of listings with attributes (readdirplus) answered from the remembered
+    /// attributes of lower files, without an `lstat`.
+    pub fn remembered_attrs(&self) -> u64 {
+        self.counts.remembered.load(Ordering::Relaxed)
     }
 
     /// Copied-up files and dirs that keep their origin's inode number.

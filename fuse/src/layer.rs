@@ -123,14 +123,53 @@ impl Resolved {
 pub struct DirEntry {
     /// The layer it comes from (the topmost that has it).
     pub layer: usize,
-    /// Its `lstat` there (the listing needs it to see whiteouts; readdirplus answers with it).
-    pub stat: FileStat,
+    /// Its file type bits (`S_IFMT` part of `st_mode`).
+    kind: u32,
+    /// The backing file: `(st_dev, st_ino)`.
+    pub file: (u64, u64),
+    /// Its `lstat`, when the listing needed it (see [`Stack::read_dir`]).
+    stat: Option<FileStat>,
 }
 
 impl DirEntry {
     /// Its file type bits (`S_IFMT` part of `st_mode`).
     pub fn kind(&self) -> u32 {
-        kind(&self.stat)
+        self.kind
+    }
+}
+
+/// A merged listing (see [`Stack::read_dir`]): its entries, and the layers' directories kept
+/// open, so that an entry's attributes are read beside them when asked for.
+pub struct MergedDir {
+    /// Every name of the merged directory once, in the layers' order.
+    pub entries: Vec<(OsString, DirEntry)>,
+    /// The open directory of each contributing layer, by layer index (a `Dir` is not `Sync`;
+    /// its stream is not used again, only its descriptor).
+    dirs: Vec<(usize, Mutex<nix::dir::Dir>)>,
+}
+
+impl std::fmt::Debug for MergedDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MergedDir")
+            .field("entries", &self.entries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MergedDir {
+    /// True when the merged directory has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The `lstat` of entry `e` named `name` (None if it went away since it was listed).
+    pub fn stat(&self, name: &OsStr, e: &DirEntry) -> Option<FileStat> {
+        if let Some(st) = e.stat {
+            return Some(st);
+        }
+        let (_, dir) = self.dirs.iter().find(|(i, _)| *i == e.layer)?;
+        let dir = dir.lock().unwrap_or_else(|p| p.into_inner());
+        fstatat(&*dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).ok()
     }
 }
 
@@ -282,19 +321,25 @@ impl Stack {
     /// every contributing layer once, from the topmost layer that has it, without whited-out
     /// names or markers; in the layers' own order (upper names first), as kernel overlay lists.
     /// A directory of one layer (most of a lower tree) needs no merging: no name sets.
-    pub fn read_dir(
-        &self,
-        layers: &[usize],
-        rel: &Path,
-    ) -> std::io::Result<Vec<(OsString, DirEntry)>> {
-        let mut out = Vec::new();
+    ///
+    /// Names and types come from the directory itself (`getdents`), so a listing costs no
+    /// `lstat` per entry: only entries the directory entry cannot tell enough about are
+    /// stat'ed (a character device may be a whiteout; a directory may be a mount point, whose
+    /// number is not the one `getdents` gives; a filesystem may not give types), and one more
+    /// per layer, to check that `getdents`' numbers are the files' own. Every other entry's
+    /// attributes are read when asked for ([`MergedDir::stat`]).
+    pub fn read_dir(&self, layers: &[usize], rel: &Path) -> std::io::Result<MergedDir> {
+        use nix::dir::Type;
+        let mut out = MergedDir {
+            entries: Vec::new(),
+            dirs: Vec::with_capacity(layers.len()),
+        };
         let merging = layers.len() > 1;
         let mut seen: std::collections::HashSet<OsString> = Default::default();
         let mut hidden: std::collections::HashSet<OsString> = Default::default();
         for (k, &i) in layers.iter().enumerate() {
             let below = k + 1 < layers.len();
             let path = self.path(i, rel);
-            // Entries are stat'ed beside the open directory (no walk of the whole path each).
             let mut dir = match nix::dir::Dir::open(
                 &path,
                 nix::fcntl::OFlag::O_RDONLY
@@ -306,18 +351,20 @@ impl Stack {
                 Err(nix::errno::Errno::ENOENT) => continue,
                 Err(e) => return Err(e.into()),
             };
-            let names: Vec<std::ffi::CString> = dir
+            let dev = nix::sys::stat::fstat(&dir)?.st_dev;
+            let names: Vec<(std::ffi::CString, u64, Option<Type>)> = dir
                 .iter()
                 .filter_map(|e| match e {
                     Ok(e) if !matches!(e.file_name().to_bytes(), b"." | b"..") => {
-                        Some(Ok(e.file_name().to_owned()))
+                        Some(Ok((e.file_name().to_owned(), e.ino(), e.file_type())))
                     }
                     Ok(_) => None,
                     Err(e) => Some(Err(std::io::Error::from(e))),
                 })
                 .collect::<std::io::Result<_>>()?;
             let mut whiteouts = Vec::new();
-            for cname in names {
+            let mut trusted = None;
+            for (cname, ino, ty) in names {
                 let bytes = cname.to_bytes();
                 if let Some(rest) = bytes.strip_prefix(WHITEOUT_PREFIX) {
                     if below && bytes != OPAQUE_MARKER {
@@ -331,21 +378,64 @@ impl Stack {
                         continue;
                     }
                 }
-                let Ok(st) = fstatat(&dir, cname.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
-                    continue;
+                let known = match ty {
+                    Some(Type::File) => Some(libc::S_IFREG),
+                    Some(Type::Symlink) => Some(libc::S_IFLNK),
+                    Some(Type::Fifo) => Some(libc::S_IFIFO),
+                    Some(Type::Socket) => Some(libc::S_IFSOCK),
+                    Some(Type::BlockDevice) => Some(libc::S_IFBLK),
+                    Some(Type::CharacterDevice | Type::Directory) | None => None,
+                };
+                let known = known.filter(|_| trusted != Some(false));
+                let entry = match known {
+                    // The first such entry shows whether this directory's numbers are its
+                    // files' (an overlayfs over several filesystems, for one, shows other
+                    // `st_dev`s): if not, every entry is stat'ed.
+                    Some(_) if trusted.is_none() => {
+                        let Ok(st) = fstatat(&dir, cname.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                        else {
+                            continue;
+                        };
+                        trusted = Some((st.st_dev, st.st_ino) == (dev, ino));
+                        DirEntry {
+                            layer: i,
+                            kind: kind(&st),
+                            file: (st.st_dev, st.st_ino),
+                            stat: Some(st),
+                        }
+                    }
+                    Some(kind) => DirEntry {
+                        layer: i,
+                        kind,
+                        file: (dev, ino),
+                        stat: None,
+                    },
+                    None => {
+                        let Ok(st) = fstatat(&dir, cname.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                        else {
+                            continue;
+                        };
+                        if is_whiteout(&st) {
+                            if below {
+                                hidden.insert(OsString::from_vec(cname.into_bytes()));
+                            }
+                            continue;
+                        }
+                        DirEntry {
+                            layer: i,
+                            kind: kind(&st),
+                            file: (st.st_dev, st.st_ino),
+                            stat: Some(st),
+                        }
+                    }
                 };
                 let name = OsString::from_vec(cname.into_bytes());
-                if is_whiteout(&st) {
-                    if below {
-                        hidden.insert(name);
-                    }
-                    continue;
-                }
                 if merging {
                     seen.insert(name.clone());
                 }
-                out.push((name, DirEntry { layer: i, stat: st }));
+                out.entries.push((name, entry));
             }
+            out.dirs.push((i, Mutex::new(dir)));
             // `.wh.NAME` hides NAME below this layer (this layer's own NAME, if any, stays).
             hidden.extend(whiteouts);
         }
@@ -386,6 +476,7 @@ mod tests {
         let mut v: Vec<String> = s
             .read_dir(&layers, Path::new(rel))
             .unwrap()
+            .entries
             .iter()
             .map(|(k, _)| k.to_string_lossy().into_owned())
             .collect();

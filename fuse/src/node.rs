@@ -8,6 +8,10 @@
 //! maps sit behind one `RwLock`, taken for writing only when a node or a name is new or goes.
 //! Lookup counts and use stamps are atomics, so a lookup of a known name takes the read lock.
 //!
+//! A node of a file in a read-only layer remembers that file's attributes (such a file does not
+//! change while mounted, as kernel overlay also requires of its lowers), so a listing with
+//! attributes answers for the files the kernel already holds without an `lstat` each.
+//!
 //! Hard links: every name of a file has the file's number, so the names are one node. Its
 //! first name is the node's path; further names are aliases, and one of them takes over when
 //! the path is unlinked.
@@ -16,7 +20,9 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{OnceLock, RwLock};
+
+use nix::sys::stat::FileStat;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 pub use crate::ino::ROOT;
@@ -33,6 +39,9 @@ struct Node {
     lookups: AtomicU64,
     /// When it was last looked up, on the table's clock.
     used: AtomicU64,
+    /// The attributes of its file in a read-only layer, once read: such a file never
+    /// changes while mounted, so a listing with attributes need not stat it again.
+    lower: OnceLock<FileStat>,
 }
 
 #[derive(Default)]
@@ -100,6 +109,7 @@ impl Nodes {
                 named: true,
                 lookups: AtomicU64::new(1),
                 used: AtomicU64::new(0),
+                lower: OnceLock::new(),
             },
         );
         t.by_path.insert(Path::new(""), ROOT);
@@ -131,7 +141,10 @@ impl Nodes {
     /// The kernel has looked `path` up and been answered with node `id` (a lookup, or an
     /// entry made or listed with its attributes): one more reference.
     pub fn looked_up(&self, path: &Path, id: u64) {
-        if self.known(id, |p| p == path.as_os_str().as_bytes()) {
+        let path_is = |p: &Path| p.as_os_str().as_bytes() == path.as_os_str().as_bytes();
+        if self.known(id, |n| {
+            path_is(&n.path) || n.aliases.iter().any(|a| path_is(a))
+        }) {
             return;
         }
         self.add(path, id);
@@ -140,32 +153,64 @@ impl Nodes {
     /// [`Nodes::looked_up`] for `name` in directory `dir`: the path is only made when the
     /// node or the name is new (a listing's entries are mostly known).
     pub fn looked_up_in(&self, dir: &Path, name: &OsStr, id: u64) {
-        let (d, n) = (dir.as_os_str().as_bytes(), name.as_bytes());
-        let is = |p: &[u8]| {
-            if d.is_empty() {
-                return p == n;
-            }
-            p.len() == d.len() + 1 + n.len()
-                && p.starts_with(d)
-                && p[d.len()] == b'/'
-                && p.ends_with(n)
-        };
-        if self.known(id, is) {
+        if self.known(id, |n| Self::names(n, dir, name)) {
             return;
         }
         self.add(&dir.join(name), id);
     }
 
-    /// One more reference to node `id` if it is known by a name `is` accepts (its path or an
-    /// alias: the names the path map has for it); false otherwise.
-    fn known(&self, id: u64, is: impl Fn(&[u8]) -> bool) -> bool {
+    /// [`Nodes::looked_up_in`] answered from memory: if node `id` is known by `name` in `dir`
+    /// and remembers the attributes of backing file `file` (see [`Nodes::remember_lower`]),
+    /// one more reference and those attributes; otherwise None, and nothing counted.
+    pub fn lower_attrs_in(
+        &self,
+        dir: &Path,
+        name: &OsStr,
+        id: u64,
+        file: (u64, u64),
+    ) -> Option<FileStat> {
+        let mut out = None;
+        self.known(id, |n| match n.lower.get() {
+            Some(st) if (st.st_dev, st.st_ino) == file && Self::names(n, dir, name) => {
+                out = Some(*st);
+                true
+            }
+            _ => false,
+        });
+        out
+    }
+
+    /// Node `id`, if the kernel holds it, remembers `st`: the attributes of its file in a
+    /// read-only layer.
+    pub fn remember_lower(&self, id: u64, st: &FileStat) {
+        if let Some(n) = self.read().nodes.get(&id) {
+            let _ = n.lower.set(*st);
+        }
+    }
+
+    /// True when `name` in `dir` is a name of node `n`.
+    fn names(n: &Node, dir: &Path, name: &OsStr) -> bool {
+        let (d, m) = (dir.as_os_str().as_bytes(), name.as_bytes());
+        let is = |p: &[u8]| {
+            if d.is_empty() {
+                return p == m;
+            }
+            p.len() == d.len() + 1 + m.len()
+                && p.starts_with(d)
+                && p[d.len()] == b'/'
+                && p.ends_with(m)
+        };
+        is(n.path.as_os_str().as_bytes()) || n.aliases.iter().any(|a| is(a.as_os_str().as_bytes()))
+    }
+
+    /// One more reference to node `id` if it is named and `is` accepts it (knows it by the
+    /// name at hand); false otherwise.
+    fn known(&self, id: u64, is: impl FnOnce(&Node) -> bool) -> bool {
         let t = self.read();
         let Some(n) = t.nodes.get(&id) else {
             return false;
         };
-        let named = n.named
-            && (is(n.path.as_os_str().as_bytes())
-                || n.aliases.iter().any(|a| is(a.as_os_str().as_bytes())));
+        let named = n.named && is(n);
         if named {
             n.lookups.fetch_add(1, Ordering::Relaxed);
             n.used.store(
@@ -193,6 +238,7 @@ impl Nodes {
                         named: false,
                         lookups: AtomicU64::new(1),
                         used: AtomicU64::new(now),
+                        lower: OnceLock::new(),
                     },
                 );
                 self.count.fetch_add(1, Ordering::Relaxed);

@@ -277,7 +277,7 @@ impl Upper {
         let Some(Resolved::Dir { layers, .. }) = stack.resolve(rel) else {
             return Err(Errno::ENOTDIR);
         };
-        for (name, e) in stack.read_dir(&layers, rel).map_err(errno)? {
+        for (name, e) in stack.read_dir(&layers, rel).map_err(errno)?.entries {
             let child = rel.join(&name);
             if e.kind() == libc::S_IFDIR {
                 self.copy_tree(stack, &child, dirs)?;

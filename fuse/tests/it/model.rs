@@ -115,7 +115,7 @@ fn walk_model(
     rel: &Path,
     out: &mut BTreeMap<PathBuf, (char, Option<u8>, u32)>,
 ) {
-    for (name, _) in s.read_dir(layers, rel).unwrap() {
+    for (name, _) in s.read_dir(layers, rel).unwrap().entries {
         let p = rel.join(&name);
         match s.lookup(layers, rel, &name).expect("listed names resolve") {
             Resolved::Dir { layers: sub, stat } => {

@@ -665,3 +665,155 @@ fn writes_by_others_clear_set_id_bits() {
     assert_eq!(std::fs::read(u.p("w")).unwrap(), b"datax");
     assert_eq!(std::fs::read(u.p("t")).unwrap(), b"d");
 }
+
+#[test]
+fn listings_answer_lower_attributes_from_memory_and_copies_fresh() {
+    use std::os::unix::fs::{DirEntryExt, PermissionsExt};
+    let u = Union::new(|l| {
+        std::fs::create_dir(l.join("d")).unwrap();
+        for i in 0..50 {
+            std::fs::write(l.join(format!("d/f{i}")), b"x").unwrap();
+        }
+        std::fs::hard_link(l.join("d/f1"), l.join("d/link")).unwrap();
+    });
+    let listed = |u: &Union| -> Vec<(String, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(u.p("d"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().into_owned(), e.ino())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mode = |n: &str| std::fs::metadata(u.p(n)).unwrap().permissions().mode() & 0o7777;
+    for i in 0..50 {
+        assert_eq!(mode(&format!("d/f{i}")), 0o644); // looked up: the kernel holds them
+    }
+    let before = u.stats.remembered_attrs();
+    let first = listed(&u);
+    assert_eq!(first.len(), 51);
+    assert!(
+        u.stats.remembered_attrs() >= before + 50,
+        "known lower files are listed without an lstat: {} -> {}",
+        before,
+        u.stats.remembered_attrs()
+    );
+    for (name, ino) in &first {
+        let st = std::fs::symlink_metadata(u.p(&format!("d/{name}"))).unwrap();
+        assert_eq!(st.ino(), *ino, "d_ino of {name} is its st_ino");
+    }
+    // Copied up (f1 with its hard link), then the directory changes, so the kernel asks for
+    // the listing again: the copies' attributes are the upper's, not the remembered ones.
+    for n in ["d/f0", "d/f1"] {
+        std::fs::set_permissions(u.p(n), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    std::fs::write(u.p("d/new"), b"n").unwrap();
+    let again = listed(&u);
+    assert_eq!(again.len(), 52);
+    for n in ["d/f0", "d/f1", "d/link"] {
+        assert_eq!(mode(n), 0o600, "{n} after a listing");
+    }
+    assert_eq!(mode("d/f2"), 0o644);
+    let ino_of = |l: &[(String, u64)], n: &str| l.iter().find(|(m, _)| m == n).unwrap().1;
+    for n in ["f0", "f1", "link", "f2"] {
+        assert_eq!(ino_of(&first, n), ino_of(&again, n), "{n} keeps its number");
+    }
+}
+
+/// Unmounts what it names when dropped (lazily: a failed test may leave users behind).
+struct Mounted(Vec<PathBuf>);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+#[test]
+fn listed_numbers_are_stat_numbers_over_an_overlay_of_two_filesystems() {
+    // Layers on an overlayfs whose lower is another filesystem (tmpfs): there a directory's
+    // `st_dev` is not its files', so the numbers `getdents` gives must not be trusted.
+    let t = tempfile::Builder::new()
+        .prefix("strata-ovl2-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let d = |n: &str| {
+        let p = t.path().join(n);
+        std::fs::create_dir(&p).unwrap();
+        p
+    };
+    let (tmp, ou, ow, ov) = (d("tmp"), d("ou"), d("ow"), d("ov"));
+    let (upper, work, at) = (d("upper"), d("work"), d("m"));
+    let mut guard = Mounted(Vec::new());
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    guard.0.push(tmp.clone());
+    std::fs::create_dir(tmp.join("d")).unwrap();
+    // More than one listing request holds: the later ones come without attributes.
+    for i in 0..2000 {
+        std::fs::write(tmp.join(format!("d/f{i}")), b"x").unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        tmp.display(),
+        ou.display(),
+        ow.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &ov,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap();
+    guard.0.push(ov.clone());
+    let dir_dev = std::fs::metadata(ov.join("d")).unwrap().dev();
+    let file_dev = std::fs::symlink_metadata(ov.join("d/f0")).unwrap().dev();
+    assert_ne!(dir_dev, file_dev, "the set-up shows two st_dev");
+    let stack = Stack::new(vec![
+        Layer {
+            root: upper,
+            kind: LayerKind::Upper,
+        },
+        Layer {
+            root: ov,
+            kind: LayerKind::Lower,
+        },
+    ]);
+    let session = strata_fuse::fs::spawn(
+        strata_fuse::Union::writable(stack, work),
+        &at,
+        &strata_fuse::fs::config("strata-ovl2", 2, false),
+    )
+    .unwrap();
+    let check = || {
+        // Listed whole first: a lookup between two requests would make the next one carry
+        // attributes too.
+        let listed: Vec<(PathBuf, u64)> = std::fs::read_dir(at.join("d"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.path(), std::os::unix::fs::DirEntryExt::ino(&e))
+            })
+            .collect();
+        assert!(listed.len() >= 2000);
+        for (p, ino) in listed {
+            assert_eq!(std::fs::symlink_metadata(&p).unwrap().ino(), ino, "{p:?}");
+        }
+    };
+    check(); // listed first, then looked up
+    std::fs::write(at.join("d/new"), b"n").unwrap();
+    check(); // listed again with every name known
+    strata_fuse::fs::ended(session.umount_and_join()).unwrap();
+}
