@@ -64,8 +64,6 @@ impl Drop for Writing<'_> {
 enum Handle {
     /// An open file and its node, so an unlinked open file still answers `getattr`.
     File(u64, Arc<File>),
-    /// An open directory.
-    Dir(Arc<OpenDir>),
 }
 
 /// How the kernel does a file's I/O (see [`Union::io_mode`]).
@@ -84,25 +82,35 @@ struct NodeIo {
     opens: usize,
 }
 
-/// An open directory: its merged listing is read on the first `readdir` (none when the kernel
-/// answers from its own cache of the listing) and again when the reader starts over.
-struct OpenDir {
-    ino: u64,
-    list: Mutex<Option<Arc<Listing>>>,
-}
-
-/// An open directory's listing: its path, "." and ".." with their inode numbers, and the
-/// merged entries (whose attributes are read when readdirplus sends them).
+/// A directory's listing, as a reader started it: the directory's node and path, "." and ".."
+/// with their inode numbers, and the merged entries (whose attributes are read when
+/// readdirplus sends them).
 struct Listing {
+    ino: u64,
     dir: PathBuf,
     dots: [u64; 2],
     merged: crate::layer::MergedDir,
 }
 
 impl Listing {
-    /// Entries from `offset` on, each with the offset of the one after it: "." and ".." first
-    /// (with their numbers), then the merged ones.
-    fn from(&self, offset: u64) -> impl Iterator<Item = (u64, &OsStr, Listed<'_>)> {
+    /// Its entries, "." and ".." included.
+    fn len(&self) -> usize {
+        2 + self.merged.entries.len()
+    }
+
+    /// The name of its `i`th entry.
+    fn name(&self, i: usize) -> Option<&OsStr> {
+        match i {
+            0 => Some(OsStr::new(".")),
+            1 => Some(OsStr::new("..")),
+            _ => self.merged.entries.get(i - 2).map(|(n, _)| n.as_os_str()),
+        }
+    }
+
+    /// Entries from the `start`th on, each with the offset of the one after it in listing
+    /// `number` (see [`Offset`]): "." and ".." first (with their numbers), then the merged
+    /// ones.
+    fn from(&self, number: u64, start: usize) -> impl Iterator<Item = (u64, &OsStr, Listed<'_>)> {
         let dots = [(".", self.dots[0]), ("..", self.dots[1])]
             .into_iter()
             .map(|(n, ino)| (OsStr::new(n), Listed::Dot(ino)));
@@ -113,8 +121,107 @@ impl Listing {
             .map(|(n, e)| (n.as_os_str(), Listed::Merged(e)));
         dots.chain(merged)
             .enumerate()
-            .skip(offset as usize)
-            .map(|(i, (n, e))| ((i + 1) as u64, n, e))
+            .skip(start)
+            .map(move |(i, (n, e))| (Offset::at(number, self, i + 1).0, n, e))
+    }
+
+    /// Where a reader at `o` goes on in this listing: at its index if the name there is the
+    /// one the offset was made for; else (a listing read again) at the nearest entry of that
+    /// name's hash, so names before it are not listed twice; else at the index.
+    fn resume(&self, o: Offset) -> usize {
+        let (i, h) = (o.index(), o.hash());
+        if i >= self.len() || self.name(i).map(name_hash) == Some(h) {
+            return i.min(self.len());
+        }
+        (0..self.len())
+            .filter(|&j| self.name(j).map(name_hash) == Some(h))
+            .min_by_key(|&j| j.abs_diff(i))
+            .unwrap_or(i)
+    }
+}
+
+/// A listing offset, as handed to the kernel: the listing's number (16 bits, see
+/// [`Listings`]), the index of the entry to go on at (26 bits) and a 21-bit hash of that
+/// entry's name, so a reader whose listing is gone goes on at the same name, not just the same
+/// index. Offsets stay positive (the kernel keeps them as `loff_t`); 0 is the start.
+#[derive(Clone, Copy)]
+struct Offset(u64);
+
+impl Offset {
+    const INDEX_BITS: u32 = 26;
+    const HASH_BITS: u32 = 21;
+
+    /// The offset of entry `i` of listing `number`, `l`.
+    fn at(number: u64, l: &Listing, i: usize) -> Offset {
+        let h = l.name(i).map(name_hash).unwrap_or(0);
+        let i = (i as u64).min((1 << Self::INDEX_BITS) - 1);
+        Offset((number << (Self::INDEX_BITS + Self::HASH_BITS)) | (i << Self::HASH_BITS) | h)
+    }
+
+    fn number(self) -> u64 {
+        self.0 >> (Self::INDEX_BITS + Self::HASH_BITS)
+    }
+
+    fn index(self) -> usize {
+        ((self.0 >> Self::HASH_BITS) & ((1 << Self::INDEX_BITS) - 1)) as usize
+    }
+
+    fn hash(self) -> u64 {
+        self.0 & ((1 << Self::HASH_BITS) - 1)
+    }
+}
+
+/// FNV-1a of a name, cut to [`Offset::HASH_BITS`].
+fn name_hash(n: &OsStr) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in n.as_bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h & ((1 << Offset::HASH_BITS) - 1)
+}
+
+/// Listings being read. The kernel is told the union has no OPENDIR, so it sends neither
+/// OPENDIR nor RELEASEDIR (a round trip less per listing; it then keeps listings cached as if
+/// every open asked it to). A listing is read at offset 0 and numbered, and each offset handed
+/// out names it (see [`Offset`]), so a reader goes on in the listing it started, whoever else
+/// starts one meanwhile, as with a listing per open directory. A listing goes once read to its
+/// end, or when more than [`LISTINGS_KEPT`] are waiting (readers that stopped early). A reader
+/// coming back to a listing gone gets the directory read again and goes on at the name it had
+/// reached; only if that very name was deleted meanwhile may it see a name again or miss one.
+#[derive(Default)]
+struct Listings {
+    next: AtomicU64,
+    kept: Mutex<std::collections::VecDeque<(u64, Arc<Listing>)>>,
+}
+
+/// How many unfinished listings are kept (each holds its layers' directories open).
+const LISTINGS_KEPT: usize = 32;
+
+impl Listings {
+    /// Keeps `l`, returning its number (1 to 2^16 - 1).
+    fn add(&self, l: Arc<Listing>) -> u64 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % ((1 << 16) - 1) + 1;
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|(m, _)| *m != n);
+        if kept.len() >= LISTINGS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((n, l));
+        n
+    }
+
+    /// Listing `n` of directory node `ino`, if kept.
+    fn get(&self, n: u64, ino: u64) -> Option<Arc<Listing>> {
+        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter()
+            .find(|(m, l)| *m == n && l.ino == ino)
+            .map(|(_, l)| l.clone())
+    }
+
+    /// Listing `n` was read to its end.
+    fn done(&self, n: u64) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|(m, _)| *m != n);
     }
 }
 
@@ -138,6 +245,7 @@ pub struct Union {
     inos: Arc<Inos>,
     evict: Arc<Evict>,
     handles: Mutex<HashMap<u64, Handle>>,
+    listings: Listings,
     next_fh: AtomicU64,
     /// The kernel caches writes (FUSE's writeback cache, asked for at init when writable):
     /// it may read through a handle opened write-only and writes at offsets it computes, so
@@ -235,6 +343,7 @@ impl Union {
             nodes: Arc::new(Nodes::new()),
             evict: Arc::new(Evict::new(crate::evict::DEFAULT_CAP)),
             handles: Mutex::new(HashMap::new()),
+            listings: Listings::default(),
             next_fh: AtomicU64::new(1),
             writeback: false,
             passthrough: std::sync::atomic::AtomicBool::new(false),
@@ -601,43 +710,33 @@ impl Union {
         let handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         handles.values().find_map(|h| match h {
             Handle::File(i, f) if *i == ino => Some(f.clone()),
-            _ => None,
+            Handle::File(..) => None,
         })
     }
 
     fn file(&self, fh: u64) -> Option<Arc<File>> {
-        match self
-            .handles
+        self.handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&fh)
-        {
-            Some(Handle::File(_, f)) => Some(f.clone()),
-            _ => None,
-        }
+            .map(|Handle::File(_, f)| f.clone())
     }
 
-    /// The listing of open directory `fh` for a read at `offset`: read now at offset 0 (a
-    /// reader starting over sees the directory as it is), kept for the reads that follow.
-    fn listing(&self, fh: u64, offset: u64) -> Result<Arc<Listing>, Errno> {
-        let dir = match self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-        {
-            Some(Handle::Dir(d)) => d.clone(),
-            _ => return Err(Errno::EBADF),
-        };
-        let mut list = dir.list.lock().unwrap_or_else(|p| p.into_inner());
-        match &*list {
-            Some(l) if offset != 0 => Ok(l.clone()),
-            _ => {
-                let l = Arc::new(self.read_listing(dir.ino)?);
-                *list = Some(l.clone());
-                Ok(l)
+    /// The listing of directory node `ino` to read at `offset`, its number and the index to
+    /// start at: read now at offset 0 (a reader starting over sees the directory as it is),
+    /// else the one the offset names (see [`Listings`]).
+    fn listing(&self, ino: u64, offset: u64) -> Result<(Arc<Listing>, u64, usize), Errno> {
+        let o = Offset(offset);
+        if offset != 0 {
+            if let Some(l) = self.listings.get(o.number(), ino) {
+                let i = l.resume(o);
+                return Ok((l, o.number(), i));
             }
         }
+        let l = Arc::new(self.read_listing(ino)?);
+        let n = self.listings.add(l.clone());
+        let i = if offset == 0 { 0 } else { l.resume(o) };
+        Ok((l, n, i))
     }
 
     /// The merged listing of directory node `ino`, each entry numbered (hard links alike).
@@ -654,6 +753,7 @@ impl Union {
             None => here,
         };
         Ok(Listing {
+            ino,
             dir: path,
             dots: [here, parent],
             merged,
@@ -1359,42 +1459,29 @@ impl fuser::Filesystem for Union {
         reply.ok();
     }
 
-    /// The listing is read on the first readdir; the kernel may keep it cached across opens
-    /// (every change to a directory goes through this mount, and the kernel drops its copy
-    /// of a directory it sees change).
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| {
-            let (_, r) = self.resolve(ino.0)?;
-            let Resolved::Dir { .. } = r else {
-                return Err(Errno::ENOTDIR);
-            };
-            Ok(self.add_handle(Handle::Dir(Arc::new(OpenDir {
-                ino: ino.0,
-                list: Mutex::new(None),
-            }))))
-        })();
-        match r {
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(e),
-        }
+    /// No OPENDIR (see `Listings`): the kernel then opens directories by itself and keeps
+    /// their listings cached (every change to a directory goes through this mount, and the
+    /// kernel drops its copy of a directory it sees change).
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let list = match self.listing(fh.0, offset) {
+        let (list, number, start) = match self.listing(ino.0, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        for (next, name, e) in list.from(offset) {
+        if start >= list.len() {
+            self.listings.done(number);
+        }
+        for (next, name, e) in list.from(number, start) {
             let (n, kind) = match e {
                 Listed::Dot(n) => (n, FileType::Directory),
                 Listed::Merged(e) => (self.inos.of_file(e.file.0, e.file.1), file_type(e.kind())),
@@ -1412,16 +1499,19 @@ impl fuser::Filesystem for Union {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let list = match self.listing(fh.0, offset) {
+        let (list, number, start) = match self.listing(ino.0, offset) {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        for (next, name, e) in list.from(offset) {
+        if start >= list.len() {
+            self.listings.done(number);
+        }
+        for (next, name, e) in list.from(number, start) {
             let Listed::Merged(e) = e else {
                 continue; // "." and "..": the kernel looks nothing up for them
             };
@@ -1488,21 +1578,6 @@ impl fuser::Filesystem for Union {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Errno::from_i32(e as i32)),
         }
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: fuser::ReplyEmpty,
-    ) {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -817,3 +817,63 @@ fn listed_numbers_are_stat_numbers_over_an_overlay_of_two_filesystems() {
     check(); // listed again with every name known
     strata_fuse::fs::ended(session.umount_and_join()).unwrap();
 }
+
+#[test]
+fn readers_go_on_in_the_listing_they_started() {
+    use std::collections::BTreeSet;
+    // More names than one getdents reads, so each reader comes back with an offset.
+    let u = Union::new(|l| {
+        std::fs::create_dir(l.join("d")).unwrap();
+        for i in 0..3000 {
+            std::fs::write(l.join(format!("d/f{i:04}")), b"").unwrap();
+        }
+    });
+    let all: BTreeSet<String> = (0..3000).map(|i| format!("f{i:04}")).collect();
+    let read_rest = |it: std::fs::ReadDir, got: &mut Vec<String>| {
+        for e in it {
+            got.push(e.unwrap().file_name().to_string_lossy().into_owned());
+        }
+    };
+    // Forty readers, each stopped after a few names: more than the union keeps listings for.
+    let mut readers: Vec<(std::fs::ReadDir, Vec<String>)> = (0..40)
+        .map(|_| {
+            let mut it = std::fs::read_dir(u.p("d")).unwrap();
+            let got = (&mut it)
+                .take(5)
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            (it, got)
+        })
+        .collect();
+    // One more, stopped the same way; then the directory changes and another reads it whole.
+    let mut first = std::fs::read_dir(u.p("d")).unwrap();
+    let mut got: Vec<String> = (&mut first)
+        .take(5)
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    std::fs::write(u.p("d/new"), b"").unwrap();
+    std::fs::remove_file(u.p("d/f2999")).unwrap();
+    let mut whole = Vec::new();
+    read_rest(std::fs::read_dir(u.p("d")).unwrap(), &mut whole);
+    let mut expect = all.clone();
+    expect.remove("f2999");
+    expect.insert("new".into());
+    assert_eq!(whole.iter().cloned().collect::<BTreeSet<_>>(), expect);
+    assert_eq!(whole.len(), expect.len(), "no name twice");
+    // The stopped reader goes on in its own listing: every name it started with, once, and
+    // (POSIX leaves it open) with or without the two changed names.
+    read_rest(first, &mut got);
+    let seen: BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(seen.len(), got.len(), "no name twice");
+    for n in all.iter().filter(|n| *n != "f2999") {
+        assert!(seen.contains(n), "{n} missing");
+    }
+    // The forty: their listings were dropped for newer ones, so they read the directory
+    // again from where they were; unchanged names still come once each.
+    for (it, mut got) in readers.drain(..) {
+        read_rest(it, &mut got);
+        let seen: BTreeSet<String> = got.iter().cloned().collect();
+        assert_eq!(seen.len(), got.len(), "no name twice");
+        assert!(seen.len() >= 2999, "{} names", seen.len());
+    }
+}
