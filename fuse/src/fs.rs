@@ -1621,9 +1621,9 @@ impl fuser::Filesystem for Union {
     }
 }
 
-/// Mount options: read-only without an upper, the kernel checking permissions from the attributes we report
-/// (as kernel overlay does), `allow_other` when root (so every user sees what kernel overlay
-/// would let them see), `fsname` as given.
+/// Mount options: read-only without an upper, the kernel checking permissions from the
+/// attributes we report (as kernel overlay does), `allow_other`, `suid` and `dev` when root (so
+/// every user sees, runs and opens what kernel overlay would let them), `fsname` as given.
 pub fn config(fsname: &str, threads: usize, read_only: bool) -> fuser::Config {
     let mut c = fuser::Config::default();
     c.mount_options = vec![
@@ -1636,10 +1636,27 @@ pub fn config(fsname: &str, threads: usize, read_only: bool) -> fuser::Config {
     }
     if nix::unistd::geteuid().is_root() {
         c.acl = fuser::SessionACL::All;
+        // As kernel overlay mounts: set-ID programs and device files of an image work in a
+        // container whose root is this mount (fuser's own default is nosuid,nodev; an
+        // unprivileged mount through fusermount3 gets them whatever is asked).
+        c.mount_options
+            .extend([fuser::MountOption::Suid, fuser::MountOption::Dev]);
     }
     c.n_threads = Some(threads.max(1));
     c.clone_fd = true;
     c
+}
+
+/// Turns off set-ID programs (`nosuid`) and device files (`nodev`) on a mount `config`
+/// describes, as asked.
+pub fn restrict(config: &mut fuser::Config, nosuid: bool, nodev: bool) {
+    use fuser::MountOption as O;
+    for (asked, off, on) in [(nosuid, O::NoSuid, O::Suid), (nodev, O::NoDev, O::Dev)] {
+        if asked {
+            config.mount_options.retain(|o| *o != on);
+            config.mount_options.push(off);
+        }
+    }
 }
 
 /// Serves `union` at `mountpoint` until it is unmounted (`umount`, `fusermount3 -u`).

@@ -445,7 +445,8 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
             (Some(work), false) => strata_fuse::Union::writable(stack, work.clone()),
             _ => strata_fuse::Union::new(stack),
         };
-        let config = strata_fuse::fs::config(&a.fsname, a.threads, read_only);
+        let mut config = strata_fuse::fs::config(&a.fsname, a.threads, read_only);
+        strata_fuse::fs::restrict(&mut config, a.nosuid, a.nodev);
         let (detached, log_file) = (a.detached, a.log_file.clone());
         return strata_fuse::fs::serve_with(union, &a.merged, &config, move || {
             if detached {
@@ -475,8 +476,10 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
             w.clone().into(),
         ]);
     }
-    if a.ro {
-        args.push("--ro".into());
+    for (on, flag) in [(a.ro, "--ro"), (a.nosuid, "--nosuid"), (a.nodev, "--nodev")] {
+        if on {
+            args.push(flag.into());
+        }
     }
     if let Some(log) = &a.log_file {
         args.extend(["--log-file".into(), log.clone().into()]);
@@ -519,8 +522,9 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
 
 /// `strata-fuse [-f] [-d] -o lowerdir=A:B[,upperdir=U,workdir=W][,fsname=N][,...] MERGED`:
 /// fuse-overlayfs' command line. Relative layer paths are taken from the current directory;
-/// options it does not need (allow_other, default_permissions, squash_to_root, ...) are
-/// accepted and ignored, as FUSE mount options are set here anyway.
+/// `ro`, `nosuid` and `nodev` are honoured; options it does not need (allow_other,
+/// default_permissions, squash_to_root, ...) are accepted and ignored, as FUSE mount options
+/// are set here anyway.
 fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
     let (mut foreground, mut opts, mut merged) = (false, Vec::new(), None);
     let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());
@@ -560,21 +564,27 @@ fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
     };
     let (mut lower, mut upper, mut work, mut fsname) =
         (None, None, None, "fuse-overlayfs".to_string());
+    let (mut ro, mut nosuid, mut nodev) = (false, false, false);
     for o in opts {
-        match o.split_once('=') {
-            Some(("lowerdir", v)) => {
-                lower = Some(
-                    v.split(':')
-                        .filter(|p| !p.is_empty())
-                        .map(|p| abs(p).to_string_lossy().into_owned())
-                        .collect::<Vec<_>>()
-                        .join(":"),
-                )
-            }
-            Some(("upperdir", v)) => upper = Some(abs(v)),
-            Some(("workdir", v)) => work = Some(abs(v)),
-            Some(("fsname", v)) => fsname = v.to_string(),
-            _ => {}
+        match (o.as_str(), o.split_once('=')) {
+            ("ro", _) => ro = true,
+            ("nosuid", _) => nosuid = true,
+            ("nodev", _) => nodev = true,
+            (_, o) => match o {
+                Some(("lowerdir", v)) => {
+                    lower = Some(
+                        v.split(':')
+                            .filter(|p| !p.is_empty())
+                            .map(|p| abs(p).to_string_lossy().into_owned())
+                            .collect::<Vec<_>>()
+                            .join(":"),
+                    )
+                }
+                Some(("upperdir", v)) => upper = Some(abs(v)),
+                Some(("workdir", v)) => work = Some(abs(v)),
+                Some(("fsname", v)) => fsname = v.to_string(),
+                _ => {}
+            },
         }
     }
     let merged = merged.context("no mount point given")?;
@@ -586,10 +596,12 @@ fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
         userxattr: false,
         compat: false,
         volatile: false,
-        ro: false,
+        ro,
         fuse: true,
         foreground,
         fsname,
+        nosuid,
+        nodev,
         threads: 4,
         log_file: None,
         detached: false,

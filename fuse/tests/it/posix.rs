@@ -877,3 +877,32 @@ fn readers_go_on_in_the_listing_they_started() {
         assert!(seen.len() >= 2999, "{} names", seen.len());
     }
 }
+
+#[test]
+fn a_root_mount_honours_set_id_bits_and_devices_as_kernel_overlay_does() {
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let u = Union::new(|l| std::fs::write(l.join("f"), b"x").unwrap());
+    let flags = statvfs(&u.at).unwrap().flags();
+    assert!(!flags.contains(FsFlags::ST_NOSUID), "{flags:?}");
+    assert!(!flags.contains(FsFlags::ST_NODEV), "{flags:?}");
+    // A set-uid program of the image runs as its owner.
+    std::fs::copy("/usr/bin/id", u.p("id")).unwrap();
+    std::os::unix::fs::chown(u.p("id"), Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(
+        u.p("id"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+    )
+    .unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(u.p("id"))
+        .arg("-u")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "euid of a set-uid program"
+    );
+}

@@ -590,6 +590,13 @@ pub struct MountArgs {
     /// With --fuse: the filesystem's source name (as `mount` shows it).
     #[arg(long, default_value = "strata", requires = "fuse")]
     pub fsname: String,
+    /// With --fuse: no set-ID programs run as their owner on the mount (`nosuid`; a root
+    /// mount otherwise honours set-ID bits, as kernel overlay does).
+    #[arg(long, requires = "fuse")]
+    pub nosuid: bool,
+    /// With --fuse: device files on the mount cannot be opened (`nodev`).
+    #[arg(long, requires = "fuse")]
+    pub nodev: bool,
     /// With --fuse: request-handling threads.
     #[arg(long, default_value_t = 4, requires = "fuse")]
     pub threads: usize,

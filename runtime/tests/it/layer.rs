@@ -496,7 +496,8 @@ fn fuse_mount_serves_unions() {
 }
 
 /// `strata-fuse`, fuse-overlayfs' command line (a link to the binary): relative layers from the
-/// start dir, read-only without upperdir, unknown options ignored, live when it returns.
+/// start dir, read-only without upperdir, `nosuid`/`nodev`/`ro` honoured, unknown options
+/// ignored, live when it returns.
 #[test]
 fn strata_fuse_takes_fuse_overlayfs_arguments() {
     require_root();
@@ -518,7 +519,22 @@ fn strata_fuse_takes_fuse_overlayfs_arguments() {
         "m",
     ]));
     assert_eq!(std::fs::read_to_string(d.join("m/d/f")).unwrap(), "lower");
+    let flags = || nix::sys::statvfs::statvfs(&d.join("m")).unwrap().flags();
+    use nix::sys::statvfs::FsFlags;
+    assert!(
+        !flags().intersects(FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+        "as root, set-ID bits and devices work, as on kernel overlay: {:?}",
+        flags()
+    );
     std::fs::write(d.join("m/d/f"), "changed").unwrap();
+    ok(Command::new("umount").arg(d.join("m")));
+    // Podman passes its mount options (storage.conf's `mountopt`, `nodev` by default) along.
+    ok(fo().args(["-o", "lowerdir=l,upperdir=u,workdir=w,nodev,nosuid,ro", "m"]));
+    assert!(
+        flags().contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV | FsFlags::ST_RDONLY),
+        "{:?}",
+        flags()
+    );
     ok(Command::new("umount").arg(d.join("m")));
     assert_eq!(std::fs::read_to_string(d.join("u/d/f")).unwrap(), "changed");
     assert_eq!(
