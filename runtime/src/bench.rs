@@ -29,6 +29,8 @@ struct Sizes {
     medium: u64,
     large: u64,
     rename_files: usize,
+    /// Names of the merged directory, half in the lower, half in the upper.
+    merged_files: usize,
     extract: u64,
     inserts: usize,
 }
@@ -41,6 +43,7 @@ const QUICK: Sizes = Sizes {
     medium: 4 << 20,
     large: 64 << 20,
     rename_files: 200,
+    merged_files: 2000,
     extract: 12 << 20,
     inserts: 100,
 };
@@ -53,6 +56,7 @@ const FULL: Sizes = Sizes {
     medium: 64 << 20,
     large: 1 << 30,
     rename_files: 1000,
+    merged_files: 10000,
     extract: 100 << 20,
     inserts: 1000,
 };
@@ -132,6 +136,11 @@ fn workloads(s: &Sizes) -> Vec<Workload> {
         w(
             format!("readdir {} entries", s.small_files),
             readdir_all,
+            Prep::Tree,
+        ),
+        w(
+            format!("readdir {}-entry merged dir", s.merged_files),
+            readdir_merged,
             Prep::Tree,
         ),
         w(
@@ -259,6 +268,31 @@ fn readdir_all(m: &Path, _: &Path, _: &Sizes) -> Result<()> {
         for e in std::fs::read_dir(&p).map_err(err("read dir", &p))? {
             e.map_err(err("read dir", &p))?;
         }
+    }
+    Ok(())
+}
+
+/// One listing of a directory whose names come half from the lower, half from the upper.
+fn readdir_merged(m: &Path, _: &Path, s: &Sizes) -> Result<()> {
+    let p = m.join("merged");
+    let mut n = 0;
+    for e in std::fs::read_dir(&p).map_err(err("read dir", &p))? {
+        e.map_err(err("read dir", &p))?;
+        n += 1;
+    }
+    if n != s.merged_files {
+        bail!("{} lists {n} names, not {}", p.display(), s.merged_files);
+    }
+    Ok(())
+}
+
+/// The upper half of the merged directory, in `dir` (an upper, or a volume's copy).
+fn make_merged_upper(dir: &Path, s: &Sizes) -> Result<()> {
+    let d = dir.join("merged");
+    std::fs::create_dir_all(&d).map_err(err("create", &d))?;
+    for i in 0..s.merged_files / 2 {
+        let p = d.join(format!("u{i}"));
+        std::fs::write(&p, format!("{i}\n")).map_err(err("create", &p))?;
     }
     Ok(())
 }
@@ -421,6 +455,10 @@ fn make_lower(dir: &Path, s: &Sizes) -> Result<()> {
             format!("{i}\n"),
         )?;
     }
+    std::fs::create_dir_all(dir.join("merged"))?;
+    for i in 0..s.merged_files - s.merged_files / 2 {
+        std::fs::write(dir.join(format!("merged/l{i}")), format!("{i}\n"))?;
+    }
     std::fs::create_dir_all(dir.join("renameme"))?;
     for i in 0..s.rename_files {
         std::fs::write(dir.join(format!("renameme/f{i}")), format!("{i}\n"))?;
@@ -478,7 +516,7 @@ struct Env {
 }
 
 impl Env {
-    fn up(kind: &'static str, scratch: &Path, round: usize) -> Result<Env> {
+    fn up(kind: &'static str, scratch: &Path, round: usize, s: &Sizes) -> Result<Env> {
         let base = scratch.join(format!("r{round}-{kind}"));
         let lower = scratch.join("lower");
         let m = base.join("m");
@@ -487,12 +525,14 @@ impl Env {
         let union = |cmd: &mut Command| -> Result<()> {
             std::fs::create_dir_all(base.join("u"))?;
             std::fs::create_dir_all(base.join("w"))?;
+            make_merged_upper(&base.join("u"), s)?;
             sh(cmd)
         };
         let (u, w) = (base.join("u"), base.join("w"));
         let mounted = match kind {
             "volume" => {
                 strata_overlay::tree::copy_tree(&lower, &m.join("v"))?;
+                make_merged_upper(&m.join("v"), s)?;
                 false
             }
             "tmpfs" => {
@@ -500,6 +540,7 @@ impl Env {
                     .args(["-t", "tmpfs", "-o", "size=80%", "bench"])
                     .arg(&m))?;
                 strata_overlay::tree::copy_tree(&lower, &m.join("v"))?;
+                make_merged_upper(&m.join("v"), s)?;
                 true
             }
             "overlay" => {
@@ -587,7 +628,7 @@ impl Env {
 
 /// Stats the lower's tree of small files and the dir to rename, directly (see [`Prep::Tree`]).
 fn prime_tree(lower: &Path) -> Result<()> {
-    for top in ["tree", "renameme"] {
+    for top in ["tree", "renameme", "merged"] {
         let top = lower.join(top);
         if !top.exists() {
             continue; // renamed or deleted by an earlier workload
@@ -678,7 +719,7 @@ pub fn run(quick: bool, rounds: usize, out: &Path, dir: &Path) -> Result<()> {
             eprintln!("strata bench: round {}/{rounds}", round + 1);
             let mut envs = Vec::new();
             for kind in &backends {
-                envs.push(Env::up(kind, &scratch, round)?);
+                envs.push(Env::up(kind, &scratch, round, &sizes)?);
             }
             for (w, wl) in ws.iter().enumerate() {
                 for i in 0..backends.len() {

@@ -29,16 +29,8 @@ impl Union {
             nix::unistd::geteuid().is_root(),
             "the FUSE tests mount file systems: run them as root"
         );
-        std::fs::create_dir_all("/var/tmp").unwrap();
-        let t = tempfile::Builder::new()
-            .prefix("strata-posix-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let d = |n: &str| {
-            let p = t.path().join(n);
-            std::fs::create_dir(&p).unwrap();
-            p
-        };
+        let t = scratch("strata-posix-");
+        let d = |n: &str| made(t.path(), n);
         let (lower, upper, work, at) = (d("lower"), d("upper"), d("work"), d("m"));
         fill(&lower);
         let stack = Stack::new(vec![
@@ -80,6 +72,22 @@ impl Drop for Union {
             strata_fuse::fs::ended(s.umount_and_join()).unwrap();
         }
     }
+}
+
+/// A scratch directory under /var/tmp (a disk filesystem, as a store's; /tmp may be tmpfs).
+fn scratch(prefix: &str) -> tempfile::TempDir {
+    std::fs::create_dir_all("/var/tmp").unwrap();
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap()
+}
+
+/// The directory `name` in `dir`, made.
+fn made(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir(&p).unwrap();
+    p
 }
 
 fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
@@ -737,15 +745,8 @@ impl Drop for Mounted {
 fn listed_numbers_are_stat_numbers_over_an_overlay_of_two_filesystems() {
     // Layers on an overlayfs whose lower is another filesystem (tmpfs): there a directory's
     // `st_dev` is not its files', so the numbers `getdents` gives must not be trusted.
-    let t = tempfile::Builder::new()
-        .prefix("strata-ovl2-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let d = |n: &str| {
-        let p = t.path().join(n);
-        std::fs::create_dir(&p).unwrap();
-        p
-    };
+    let t = scratch("strata-ovl2-");
+    let d = |n: &str| made(t.path(), n);
     let (tmp, ou, ow, ov) = (d("tmp"), d("ou"), d("ow"), d("ov"));
     let (upper, work, at) = (d("upper"), d("work"), d("m"));
     let mut guard = Mounted(Vec::new());

@@ -44,7 +44,7 @@ fn a_quick_bench_writes_a_complete_report() {
         assert!(all.iter().any(|x| x == b), "{b} missing from {all:?}");
     }
     assert_eq!(rows.len(), workloads.len());
-    assert!(workloads.len() >= 16, "{} workloads", workloads.len());
+    assert!(workloads.len() >= 17, "{} workloads", workloads.len());
     for name in [
         "seq read",
         "rand read",
@@ -55,6 +55,7 @@ fn a_quick_bench_writes_a_complete_report() {
         "create",
         "stat",
         "readdir",
+        "merged dir",
         "unlink",
         "rename lower dir",
         "extract",
