@@ -1647,6 +1647,19 @@ pub fn config(fsname: &str, threads: usize, read_only: bool) -> fuser::Config {
     c
 }
 
+/// Raises this process's open-file limit to its hard limit, returning the limit now in force.
+/// The server holds a descriptor for every file open through the mount (passthrough needs
+/// one), so a container with a thousand files open would otherwise meet EMFILE at the usual
+/// soft limit of 1024. A server calls this before serving.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
+}
+
 /// Turns off set-ID programs (`nosuid`) and device files (`nodev`) on a mount `config`
 /// describes, as asked.
 pub fn restrict(config: &mut fuser::Config, nosuid: bool, nodev: bool) {

@@ -427,6 +427,9 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
     }
     if a.foreground {
         use strata_fuse::layer::{Layer, LayerKind, Stack};
+        let limit = strata_fuse::fs::raise_open_file_limit()
+            .context("raising the open-file limit of the FUSE server")?;
+        tracing::debug!(limit, "open files");
         let mut layers: Vec<Layer> = a
             .upper
             .iter()

@@ -554,6 +554,46 @@ fn strata_fuse_takes_fuse_overlayfs_arguments() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("lowerdir"));
 }
 
+/// A FUSE server started with the usual soft open-file limit (1024, here 256) serves more
+/// open files than that: it raises its limit, as it keeps a descriptor per open file.
+#[test]
+fn a_fuse_server_serves_more_open_files_than_its_starting_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    require_root();
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= 4096,
+        "the test needs a hard open-file limit of 4096, not {hard}"
+    );
+    if soft < 4096 {
+        setrlimit(Resource::RLIMIT_NOFILE, 4096, hard).unwrap();
+    }
+    let t = scratch();
+    let d = t.path();
+    for p in ["l", "u", "w", "m"] {
+        std::fs::create_dir_all(d.join(p)).unwrap();
+    }
+    for i in 0..600 {
+        std::fs::write(d.join(format!("l/f{i}")), "lower").unwrap();
+    }
+    let exe = env!("CARGO_BIN_EXE_strata");
+    ok(Command::new("sh").arg("-c").arg(format!(
+        "ulimit -Sn 256 && exec {exe} mount --fuse --lower {0}/l --upper {0}/u --work {0}/w {0}/m",
+        d.display()
+    )));
+    let opened: std::io::Result<Vec<std::fs::File>> = (0..600)
+        .map(|i| std::fs::File::open(d.join(format!("m/f{i}"))))
+        .chain((0..600).map(|i| std::fs::File::create(d.join(format!("m/n{i}")))))
+        .collect();
+    let n = opened.map(|files| files.len());
+    ok(Command::new("umount").arg(d.join("m")));
+    assert_eq!(
+        n.unwrap(),
+        1200,
+        "1,200 files open at once through the mount"
+    );
+}
+
 /// `layer check`: a tree in the OCI `.wh.` form is reported as not kernel-mountable, converts
 /// to the kernel form (then kernel overlay hides what it deletes), to userxattr (mounts with
 /// `userxattr`), and back to `.wh.`; a tree with a redirect is refused for `.wh.`, unchanged.
