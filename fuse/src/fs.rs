@@ -727,15 +727,21 @@ impl Union {
     /// else the one the offset names (see [`Listings`]).
     fn listing(&self, ino: u64, offset: u64) -> Result<(Arc<Listing>, u64, usize), Errno> {
         let o = Offset(offset);
-        if offset != 0 {
-            if let Some(l) = self.listings.get(o.number(), ino) {
-                let i = l.resume(o);
-                return Ok((l, o.number(), i));
+        let kept = (offset != 0)
+            .then(|| self.listings.get(o.number(), ino))
+            .flatten();
+        let (l, n) = match kept {
+            Some(l) => (l, o.number()),
+            None => {
+                let l = Arc::new(self.read_listing(ino)?);
+                let n = self.listings.add(l.clone());
+                (l, n)
             }
-        }
-        let l = Arc::new(self.read_listing(ino)?);
-        let n = self.listings.add(l.clone());
+        };
         let i = if offset == 0 { 0 } else { l.resume(o) };
+        if i >= l.len() {
+            self.listings.done(n); // read to its end
+        }
         Ok((l, n, i))
     }
 
@@ -1478,9 +1484,6 @@ impl fuser::Filesystem for Union {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        if start >= list.len() {
-            self.listings.done(number);
-        }
         for (next, name, e) in list.from(number, start) {
             let (n, kind) = match e {
                 Listed::Dot(n) => (n, FileType::Directory),
@@ -1508,9 +1511,6 @@ impl fuser::Filesystem for Union {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        if start >= list.len() {
-            self.listings.done(number);
-        }
         for (next, name, e) in list.from(number, start) {
             let Listed::Merged(e) = e else {
                 continue; // "." and "..": the kernel looks nothing up for them
@@ -1519,13 +1519,14 @@ impl fuser::Filesystem for Union {
             // not change while mounted), so the listing costs no lstat for it.
             let lower = Some(e.layer) != self.stack.upper();
             let n = self.inos.of_file(e.file.0, e.file.1);
-            let st = match lower
+            let (n, st) = match lower
                 .then(|| self.nodes.lower_attrs_in(&list.dir, name, n, e.file))
                 .flatten()
             {
+                // Remembered for this very backing file, so `n` is its number.
                 Some(st) => {
                     self.counts.remembered.fetch_add(1, Ordering::Relaxed);
-                    st
+                    (n, st)
                 }
                 None => {
                     let Some(st) = list.merged.stat(name, e) else {
@@ -1537,10 +1538,9 @@ impl fuser::Filesystem for Union {
                         self.nodes.remember_lower(n, &st);
                     }
                     self.evict.check(self.nodes.len());
-                    st
+                    (n, st)
                 }
             };
-            let n = self.inos.of(&st);
             if reply.add(INodeNo(n), next, name, &TTL, &attr(n, &st), Generation(0)) {
                 // Did not fit: not sent, so not a reference.
                 self.nodes.forget(n, 1);

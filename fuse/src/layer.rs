@@ -378,7 +378,7 @@ impl Stack {
                         continue;
                     }
                 }
-                let known = match ty {
+                let typed = match ty {
                     Some(Type::File) => Some(libc::S_IFREG),
                     Some(Type::Symlink) => Some(libc::S_IFLNK),
                     Some(Type::Fifo) => Some(libc::S_IFIFO),
@@ -386,35 +386,24 @@ impl Stack {
                     Some(Type::BlockDevice) => Some(libc::S_IFBLK),
                     Some(Type::CharacterDevice | Type::Directory) | None => None,
                 };
-                let known = known.filter(|_| trusted != Some(false));
-                let entry = match known {
-                    // The first such entry shows whether this directory's numbers are its
-                    // files' (an overlayfs over several filesystems, for one, shows other
-                    // `st_dev`s): if not, every entry is stat'ed.
-                    Some(_) if trusted.is_none() => {
-                        let Ok(st) = fstatat(&dir, cname.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                        else {
-                            continue;
-                        };
-                        trusted = Some((st.st_dev, st.st_ino) == (dev, ino));
-                        DirEntry {
-                            layer: i,
-                            kind: kind(&st),
-                            file: (st.st_dev, st.st_ino),
-                            stat: Some(st),
-                        }
-                    }
-                    Some(kind) => DirEntry {
+                let entry = match typed {
+                    Some(kind) if trusted == Some(true) => DirEntry {
                         layer: i,
                         kind,
                         file: (dev, ino),
                         stat: None,
                     },
-                    None => {
+                    _ => {
                         let Ok(st) = fstatat(&dir, cname.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
                         else {
                             continue;
                         };
+                        // The first typed entry shows whether this directory's numbers are its
+                        // files' (an overlayfs over several filesystems, for one, shows other
+                        // `st_dev`s): if not, every entry is stat'ed.
+                        if typed.is_some() && trusted.is_none() {
+                            trusted = Some((st.st_dev, st.st_ino) == (dev, ino));
+                        }
                         if is_whiteout(&st) {
                             if below {
                                 hidden.insert(OsString::from_vec(cname.into_bytes()));

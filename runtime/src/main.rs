@@ -573,21 +573,19 @@ fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
             ("ro", _) => ro = true,
             ("nosuid", _) => nosuid = true,
             ("nodev", _) => nodev = true,
-            (_, o) => match o {
-                Some(("lowerdir", v)) => {
-                    lower = Some(
-                        v.split(':')
-                            .filter(|p| !p.is_empty())
-                            .map(|p| abs(p).to_string_lossy().into_owned())
-                            .collect::<Vec<_>>()
-                            .join(":"),
-                    )
-                }
-                Some(("upperdir", v)) => upper = Some(abs(v)),
-                Some(("workdir", v)) => work = Some(abs(v)),
-                Some(("fsname", v)) => fsname = v.to_string(),
-                _ => {}
-            },
+            (_, Some(("lowerdir", v))) => {
+                lower = Some(
+                    v.split(':')
+                        .filter(|p| !p.is_empty())
+                        .map(|p| abs(p).to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                )
+            }
+            (_, Some(("upperdir", v))) => upper = Some(abs(v)),
+            (_, Some(("workdir", v))) => work = Some(abs(v)),
+            (_, Some(("fsname", v))) => fsname = v.to_string(),
+            _ => {}
         }
     }
     let merged = merged.context("no mount point given")?;
