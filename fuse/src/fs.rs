@@ -1678,16 +1678,32 @@ pub fn serve(union: Union, mountpoint: &Path, config: &fuser::Config) -> std::io
 }
 
 /// [`serve`], calling `mounted` once the mount exists (before any request is answered): a
-/// detached server lets go of its starter there.
+/// detached server lets go of its starter there. Meant to be a server process's last work:
+/// the ended session's descriptors are not closed.
 pub fn serve_with(
     union: Union,
     mountpoint: &Path,
     config: &fuser::Config,
     mounted: impl FnOnce(),
 ) -> std::io::Result<()> {
-    let session = spawn(union, mountpoint, config)?;
+    let mut session = spawn(union, mountpoint, config)?;
     mounted();
-    ended(session.join())
+    // Not `session.join()`: that drops fuser's mount guard, which unmounts the mount point
+    // again even after an `umount` ended the session (fuser 0.17 takes the ended connection
+    // for a live mount), and so unmounted whatever had been mounted there since: a new
+    // server's mount on the same path. The session's thread is joined instead and the guard
+    // forgotten; the process ends with the session anyway.
+    let guard = std::mem::replace(&mut session.guard, std::thread::spawn(|| Ok(())));
+    let r = guard
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE session's thread panicked")));
+    std::mem::forget(session);
+    let r = ended(r);
+    // A session that failed leaves its mount dead (every access ENOTCONN): not left behind.
+    if r.is_err() && crate::mounts::is_dead(mountpoint) {
+        let _ = crate::mounts::unmount(mountpoint, true);
+    }
+    r
 }
 
 /// Mounts `union` at `mountpoint` and serves it from background threads until it is unmounted

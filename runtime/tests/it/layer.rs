@@ -594,6 +594,38 @@ fn a_fuse_server_serves_more_open_files_than_its_starting_limit() {
     );
 }
 
+/// A FUSE server ended by `umount` leaves the mount point alone: mounted again at once, the
+/// new mount stays (fuser's own end of session unmounted the path a second time, taking a new
+/// server's mount with it in about one try in ten).
+#[test]
+fn a_mount_point_takes_a_new_fuse_mount_right_after_umount() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    for p in ["l", "u", "w", "m"] {
+        std::fs::create_dir_all(d.join(p)).unwrap();
+    }
+    std::fs::write(d.join("l/f"), "lower").unwrap();
+    for i in 0..50 {
+        let mut c = strata();
+        c.args(["mount", "--fuse", "--lower"])
+            .arg(d.join("l"))
+            .arg("--upper")
+            .arg(d.join("u"))
+            .arg("--work")
+            .arg(d.join("w"))
+            .arg(d.join("m"));
+        ok(&mut c);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            std::fs::read_to_string(d.join("m/f")).ok().as_deref(),
+            Some("lower"),
+            "mount {i} is still there"
+        );
+        ok(Command::new("umount").arg(d.join("m")));
+    }
+}
+
 /// `layer check`: a tree in the OCI `.wh.` form is reported as not kernel-mountable, converts
 /// to the kernel form (then kernel overlay hides what it deletes), to userxattr (mounts with
 /// `userxattr`), and back to `.wh.`; a tree with a redirect is refused for `.wh.`, unchanged.
