@@ -13,12 +13,12 @@ fi
 # reference), attr (getfattr), kmod (overlay module), containerd + runc (the proxy-plugin
 # end-to-end test), busybox-static (the test image's userland), fuse3 (fusermount3 for
 # rootless FUSE mounts), fuse-overlayfs (the FUSE peer; the snapshotter's FUSE-mode tests use it
-# as a mount helper), python3 (a second process holding POSIX locks in the FUSE tests),
-# docker-registry (distribution 2.8: the registry pull/push run against), apache2-utils
+# as a mount helper), python3 (a second process holding POSIX locks in the FUSE tests), strace
+# (counts a FUSE server's syncs), docker-registry (distribution 2.8: the registry pull/push run against), apache2-utils
 # (htpasswd for its basic auth), curl (puts an image index by hand), openssl (signs the test
 # token server's JWTs), libacl1-dev (to build pjdfstest, the POSIX suite). The conformance
 # suite's own setup installs Go and containerd's sources.
-packages=(umoci skopeo tar attr kmod containerd runc busybox-static fuse3 fuse-overlayfs python3
+packages=(umoci skopeo tar attr kmod containerd runc busybox-static fuse3 fuse-overlayfs python3 strace
   docker-registry apache2-utils curl openssl libacl1-dev)
 missing=()
 for p in "${packages[@]}"; do

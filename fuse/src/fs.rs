@@ -363,6 +363,16 @@ impl Union {
         u
     }
 
+    /// Syncs nothing, as kernel overlay's `volatile` option: copy-ups are not synced before
+    /// they are renamed into the upper, and fsync returns at once. Mounting leaves the mark
+    /// kernel overlay leaves (see [`crate::ops::volatile_marker`]). No effect without an upper.
+    pub fn volatile(mut self) -> Union {
+        if let Some(u) = &mut self.upper {
+            u.volatile = true;
+        }
+        self
+    }
+
     /// Keeps at most about `cap` nodes: past it, the kernel is asked to drop its least recently
     /// used entries (see [`crate::evict`]). Takes effect when served with [`spawn`].
     pub fn with_node_cap(mut self, cap: usize) -> Union {
@@ -1400,6 +1410,7 @@ impl fuser::Filesystem for Union {
         reply: ReplyEmpty,
     ) {
         let r = match self.file(fh.0) {
+            _ if self.upper.as_ref().is_some_and(|u| u.volatile) => Ok(()),
             Some(f) if datasync => f.sync_data().map_err(errno),
             Some(f) => f.sync_all().map_err(errno),
             None => Ok(()),
@@ -1713,6 +1724,9 @@ pub fn spawn(
     mountpoint: &Path,
     config: &fuser::Config,
 ) -> std::io::Result<fuser::BackgroundSession> {
+    if let Some(upper) = &union.upper {
+        upper.prepare()?;
+    }
     let (evict, nodes) = (union.evict.clone(), union.nodes.clone());
     let session = fuser::Session::new(union, mountpoint, config)?;
     evict.start(nodes, session.notifier());

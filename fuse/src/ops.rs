@@ -51,6 +51,16 @@ pub struct Upper {
     /// The union's inode numbers: copies are noted there.
     inos: Arc<Inos>,
     counter: AtomicU64,
+    /// Nothing is synced (kernel overlay's `volatile`): copy-ups are renamed into place
+    /// unsynced and fsync is answered at once. See [`Upper::prepare`].
+    pub volatile: bool,
+}
+
+/// Where a volatile mount leaves its mark, under the work dir: kernel overlay's own path, so
+/// that neither it nor this union mounts the upper again before someone decides the upper is
+/// intact (after a crash it may not be).
+pub fn volatile_marker(work: &Path) -> PathBuf {
+    work.join("work/incompat/volatile")
 }
 
 impl Upper {
@@ -67,7 +77,28 @@ impl Upper {
             ns,
             inos,
             counter: AtomicU64::new(0),
+            volatile: false,
         }
+    }
+
+    /// Readies the work dir for a mount, as kernel overlay does: refuses while the mark of an
+    /// earlier volatile mount is there, and leaves that mark when this mount is volatile.
+    pub fn prepare(&self) -> std::io::Result<()> {
+        let marker = volatile_marker(&self.work);
+        if std::fs::symlink_metadata(&marker).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: the upper {} was last mounted volatile (without syncs) and may have lost writes in a crash; discard the upper and work dirs, or remove this directory if the upper is known intact",
+                    marker.display(),
+                    self.root.display()
+                ),
+            ));
+        }
+        if self.volatile {
+            std::fs::create_dir_all(&marker)?;
+        }
+        Ok(())
     }
 
     fn tmp(&self) -> PathBuf {
@@ -114,7 +145,8 @@ fn copy_meta(src: &Path, dst: &Path, st: &std::fs::Metadata) -> Result<(), Errno
 /// Copies the data of regular file `src` into the new file `dst`, and syncs it: the copy is
 /// renamed into the upper next, and a crash, power loss included, must not leave a name there
 /// whose data never reached the disk (kernel overlay syncs its copies too, unless `volatile`).
-/// `sync` false: the caller syncs the whole filesystem once instead (a tree's copy).
+/// `sync` false: the caller syncs the whole filesystem once instead (a tree's copy), or
+/// nothing is synced (a volatile mount).
 fn copy_data(src: &Path, dst: &Path, sync: bool) -> Result<(), Errno> {
     let mut s = std::fs::File::open(src).map_err(errno)?;
     let mut d = std::fs::OpenOptions::new()
@@ -176,7 +208,7 @@ impl Upper {
     /// Copies `rel` up into the upper if it is not there yet (directories: the directory
     /// itself, not its contents). A hard-linked file's other names are linked to the copy.
     pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
-        self.copy_up_with(stack, rel, true)
+        self.copy_up_with(stack, rel, !self.volatile)
     }
 
     /// [`Upper::copy_up`]; `sync` false leaves a file's data for one `syncfs` by the caller.
@@ -263,8 +295,10 @@ impl Upper {
     pub fn copy_up_tree(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
         let mut dirs = Vec::new();
         self.copy_tree(stack, rel, &mut dirs)?;
-        let root = std::fs::File::open(&self.root).map_err(errno)?;
-        nix::unistd::syncfs(&root).map_err(nix_errno)?;
+        if !self.volatile {
+            let root = std::fs::File::open(&self.root).map_err(errno)?;
+            nix::unistd::syncfs(&root).map_err(nix_errno)?;
+        }
         for d in dirs {
             self.set_opaque(&self.root.join(d))?;
         }

@@ -444,10 +444,13 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
         }));
         let stack = Stack::new(layers);
         let read_only = a.upper.is_none() || a.ro;
-        let union = match (&a.work, read_only) {
+        let mut union = match (&a.work, read_only) {
             (Some(work), false) => strata_fuse::Union::writable(stack, work.clone()),
             _ => strata_fuse::Union::new(stack),
         };
+        if a.volatile {
+            union = union.volatile();
+        }
         let mut config = strata_fuse::fs::config(&a.fsname, a.threads, read_only);
         strata_fuse::fs::restrict(&mut config, a.nosuid, a.nodev);
         let (detached, log_file) = (a.detached, a.log_file.clone());
@@ -479,7 +482,12 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
             w.clone().into(),
         ]);
     }
-    for (on, flag) in [(a.ro, "--ro"), (a.nosuid, "--nosuid"), (a.nodev, "--nodev")] {
+    for (on, flag) in [
+        (a.ro, "--ro"),
+        (a.nosuid, "--nosuid"),
+        (a.nodev, "--nodev"),
+        (a.volatile, "--volatile"),
+    ] {
         if on {
             args.push(flag.into());
         }
@@ -525,7 +533,7 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
 
 /// `strata-fuse [-f] [-d] -o lowerdir=A:B[,upperdir=U,workdir=W][,fsname=N][,...] MERGED`:
 /// fuse-overlayfs' command line. Relative layer paths are taken from the current directory;
-/// `ro`, `nosuid` and `nodev` are honoured; options it does not need (allow_other,
+/// `ro`, `nosuid`, `nodev` and `volatile` (or `fsync=0`) are honoured; options it does not need (allow_other,
 /// default_permissions, squash_to_root, ...) are accepted and ignored, as FUSE mount options
 /// are set here anyway.
 fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
@@ -567,12 +575,14 @@ fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
     };
     let (mut lower, mut upper, mut work, mut fsname) =
         (None, None, None, "fuse-overlayfs".to_string());
-    let (mut ro, mut nosuid, mut nodev) = (false, false, false);
+    let (mut ro, mut nosuid, mut nodev, mut volatile) = (false, false, false, false);
     for o in opts {
         match (o.as_str(), o.split_once('=')) {
             ("ro", _) => ro = true,
             ("nosuid", _) => nosuid = true,
             ("nodev", _) => nodev = true,
+            // fuse-overlayfs spells it both ways.
+            ("volatile" | "fsync=0", _) => volatile = true,
             (_, Some(("lowerdir", v))) => {
                 lower = Some(
                     v.split(':')
@@ -596,7 +606,7 @@ fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
         merged: abs(&merged.to_string_lossy()),
         userxattr: false,
         compat: false,
-        volatile: false,
+        volatile,
         ro,
         fuse: true,
         foreground,

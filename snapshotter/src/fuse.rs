@@ -33,11 +33,12 @@ impl FuseHelper {
     }
 
     /// Mounts the union of `lowers` (top first), with `upper_work` on top when writable, on
-    /// `target`, and returns once it is live.
+    /// `target`, and returns once it is live; `volatile`: with no syncs to the upper.
     pub fn mount(
         &self,
         lowers: &[PathBuf],
         upper_work: Option<(&Path, &Path)>,
+        volatile: bool,
         fsname: &str,
         target: &Path,
     ) -> Result<()> {
@@ -65,6 +66,9 @@ impl FuseHelper {
                 u.display(),
                 w.display()
             ));
+        }
+        if volatile && upper_work.is_some() {
+            opts.push_str(",volatile");
         }
         opts.push_str(&format!(",fsname={fsname}"));
         let mut cmd = std::process::Command::new(&self.program);

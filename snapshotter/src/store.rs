@@ -807,8 +807,16 @@ impl Snapshotter {
         if kind == Kind::View && chain.len() == 1 {
             return Ok(vec![Mount::bind(&self.fs_dir(chain[0]), true)]);
         }
+        if volatile {
+            // A volatile mount (kernel overlay or FUSE) leaves work/work/incompat/volatile and
+            // neither mounts over it again. Within one boot nothing was lost, so it may go (the
+            // restart case is handled at start).
+            let _ = std::fs::remove_dir_all(self.dir(id).join("work/work/incompat/volatile"));
+        }
         if let Some(helper) = &self.fuse {
-            return self.fuse_mount(helper, id, kind, chain).map(|m| vec![m]);
+            return self
+                .fuse_mount(helper, id, kind, chain, volatile)
+                .map(|m| vec![m]);
         }
         let lowers = chain.iter().map(|&p| self.fs_dir(p)).collect();
         let (upper, work) = if kind == Kind::Active {
@@ -818,12 +826,6 @@ impl Snapshotter {
         };
         let mut options = self.options;
         options.volatile = volatile;
-        if volatile {
-            // The kernel leaves work/work/incompat/volatile after a volatile mount and refuses
-            // to mount over it again. Within one boot nothing was lost, so it may go (the
-            // restart case is handled at start).
-            let _ = std::fs::remove_dir_all(self.dir(id).join("work/work/incompat/volatile"));
-        }
         Ok(vec![
             Overlay {
                 lowers,
@@ -850,7 +852,14 @@ impl Snapshotter {
 
     /// The union of snapshot `id` as a live FUSE mount on its `merged` dir (made now if there
     /// is none or its server has gone), handed out as a bind mount.
-    fn fuse_mount(&self, helper: &FuseHelper, id: i64, kind: Kind, chain: &[i64]) -> Result<Mount> {
+    fn fuse_mount(
+        &self,
+        helper: &FuseHelper,
+        id: i64,
+        kind: Kind,
+        chain: &[i64],
+        volatile: bool,
+    ) -> Result<Mount> {
         let merged = self.merged_dir(id);
         let lock = self.mount_lock(id);
         let _one = lock
@@ -875,7 +884,7 @@ impl Snapshotter {
         let lowers: Vec<PathBuf> = chain.iter().map(|&p| self.fs_dir(p)).collect();
         let (upper, work) = (self.fs_dir(id), self.dir(id).join("work"));
         let upper_work = (kind == Kind::Active).then_some((upper.as_path(), work.as_path()));
-        helper.mount(&lowers, upper_work, "strata", &merged)?;
+        helper.mount(&lowers, upper_work, volatile, "strata", &merged)?;
         tracing::debug!(id, layers = lowers.len(), "FUSE union mounted");
         Ok(Mount::bind(&merged, kind == Kind::View))
     }

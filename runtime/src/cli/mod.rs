@@ -574,7 +574,8 @@ pub struct MountArgs {
     /// Turn off metacopy=on and redirect_dir=on even where the kernel has them.
     #[arg(long)]
     pub compat: bool,
-    /// Mount with `volatile` (no syncs to the upper).
+    /// Mount with `volatile` (no syncs to the upper; with --fuse too). Like kernel overlay,
+    /// leaves WORK/work/incompat/volatile, and neither mounts that upper again while it is there.
     #[arg(long)]
     pub volatile: bool,
     /// Read-only.

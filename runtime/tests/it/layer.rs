@@ -626,6 +626,126 @@ fn a_mount_point_takes_a_new_fuse_mount_right_after_umount() {
     }
 }
 
+/// The syncs (`fsync`, `fdatasync`, `syncfs`) a `strata mount --fuse -f` server makes while
+/// a lower file is appended to and fsynced and a lower directory is renamed through its mount.
+fn server_syncs(d: &Path, extra: &[&str]) -> usize {
+    let log = d.join("strace.log");
+    let mut server = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=fsync,fdatasync,syncfs", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_strata"))
+        .args(["mount", "--fuse", "-f", "--lower"])
+        .arg(d.join("l"))
+        .arg("--upper")
+        .arg(d.join("u"))
+        .arg("--work")
+        .arg(d.join("w"))
+        .args(extra)
+        .arg(d.join("m"))
+        .spawn()
+        .expect("strace is missing: apt-get install strace (scripts/test-all.sh does)");
+    let t0 = std::time::Instant::now();
+    while !strata_fuse::mounts::is_fuse_mount(&d.join("m")) {
+        assert!(t0.elapsed().as_secs() < 20, "the server did not mount");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut f = std::fs::File::options()
+        .append(true)
+        .open(d.join("m/f"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"+").unwrap();
+    f.sync_all().expect("fsync through the mount succeeds");
+    drop(f);
+    std::fs::rename(d.join("m/dir"), d.join("m/moved")).unwrap();
+    std::fs::rename(d.join("m/moved"), d.join("m/dir")).unwrap();
+    ok(Command::new("umount").arg(d.join("m")));
+    assert!(server.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    text.lines()
+        .filter(|l| {
+            ["fsync(", "fdatasync(", "syncfs("]
+                .iter()
+                .any(|c| l.contains(c))
+        })
+        .count()
+}
+
+/// `--fuse --volatile` (the drop-in's `volatile` or `fsync=0`, which Podman and containerd's
+/// FUSE-mode snapshotter pass): the server syncs nothing, where a durable mount syncs its
+/// copy-ups; it leaves kernel overlay's mark in the work dir, and neither the FUSE union nor
+/// kernel overlay mounts that upper again until the mark is removed.
+#[test]
+fn volatile_fuse_mounts_sync_nothing_and_leave_the_kernel_mark() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    for p in ["l/dir", "u", "w", "m"] {
+        std::fs::create_dir_all(d.join(p)).unwrap();
+    }
+    std::fs::write(d.join("l/f"), "lower").unwrap();
+    std::fs::write(d.join("l/dir/a"), "in a lower dir").unwrap();
+    let durable = server_syncs(d, &[]);
+    assert!(durable > 0, "a durable mount syncs its copy-ups");
+    for p in ["u", "w"] {
+        std::fs::remove_dir_all(d.join(p)).unwrap();
+        std::fs::create_dir(d.join(p)).unwrap();
+    }
+    assert_eq!(
+        server_syncs(d, &["--volatile"]),
+        0,
+        "volatile: no sync at all"
+    );
+    assert_eq!(std::fs::read_to_string(d.join("u/f")).unwrap(), "lower+");
+
+    let mark = d.join("w/work/incompat/volatile");
+    assert!(mark.is_dir(), "kernel overlay's mark is left");
+    let mount = || {
+        let mut c = strata();
+        c.args(["mount", "--fuse", "--lower"])
+            .arg(d.join("l"))
+            .arg("--upper")
+            .arg(d.join("u"))
+            .arg("--work")
+            .arg(d.join("w"))
+            .arg(d.join("m"));
+        c
+    };
+    fails(&mut mount(), "incompat/volatile");
+    let kernel = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            d.join("l").display(),
+            d.join("u").display(),
+            d.join("w").display()
+        ))
+        .arg(d.join("m"))
+        .output()
+        .unwrap();
+    assert!(
+        !kernel.status.success(),
+        "kernel overlay refuses the same mark"
+    );
+    std::fs::remove_dir(&mark).unwrap();
+    ok(&mut mount());
+    assert_eq!(
+        std::fs::read_to_string(d.join("m/f")).unwrap(),
+        "lower+",
+        "once the mark is removed, the upper mounts again"
+    );
+    ok(Command::new("umount").arg(d.join("m")));
+
+    // The drop-in takes fuse-overlayfs' spellings.
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_strata"), d.join("strata-fuse")).unwrap();
+    ok(Command::new(d.join("strata-fuse")).current_dir(d).args([
+        "-o",
+        "lowerdir=l,upperdir=u,workdir=w,fsync=0",
+        "m",
+    ]));
+    ok(Command::new("umount").arg(d.join("m")));
+    assert!(mark.is_dir(), "fsync=0 is volatile too");
+}
+
 /// `layer check`: a tree in the OCI `.wh.` form is reported as not kernel-mountable, converts
 /// to the kernel form (then kernel overlay hides what it deletes), to userxattr (mounts with
 /// `userxattr`), and back to `.wh.`; a tree with a redirect is refused for `.wh.`, unchanged.

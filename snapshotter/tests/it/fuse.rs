@@ -152,6 +152,51 @@ fn fuse_mode_serves_unions_and_cleans_up() {
     s.remove("c").unwrap();
 }
 
+/// The volatile label reaches the FUSE server as `volatile` (a container snapshot only, as in
+/// overlay mode), and a remount in the same boot clears the mark a volatile mount leaves.
+#[test]
+fn volatile_label_reaches_the_fuse_server() {
+    require_root();
+    let t = scratch();
+    let s = open_fuse(t.path());
+    s.prepare("a", "", BTreeMap::new()).unwrap();
+    s.commit("base", "a", BTreeMap::new(), None).unwrap();
+    let vol: BTreeMap<String, String> = [(
+        "containerd.io/snapshot/strata.volatile".into(),
+        "true".into(),
+    )]
+    .into();
+    let mut unpack = vol.clone();
+    unpack.insert("containerd.io/snapshot.ref".into(), "sha256:x".into());
+    let args_of = |key: &str| {
+        let merged = s.fs_dir(s.id_of(key).unwrap()).with_file_name("merged");
+        let pid = server_of(&merged).expect("the FUSE server's process");
+        String::from_utf8(std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).unwrap()
+    };
+    s.prepare("ctr", "base", vol).unwrap();
+    s.prepare("unpack", "base", unpack).unwrap();
+    assert!(args_of("ctr").contains(",volatile"), "{}", args_of("ctr"));
+    assert!(
+        !args_of("unpack").contains("volatile"),
+        "{}",
+        args_of("unpack")
+    );
+    let mark = s
+        .fs_dir(s.id_of("ctr").unwrap())
+        .with_file_name("work/work/incompat/volatile");
+    std::fs::create_dir_all(&mark).unwrap();
+    s.unmount_all().unwrap();
+    let m = s.mounts("ctr").unwrap();
+    assert!(
+        !mark.exists(),
+        "the same boot's mark is cleared before mounting again"
+    );
+    let mnt = Mounted::new(&m, t.path().join("m"));
+    std::fs::write(mnt.0.join("f"), b"x").unwrap();
+    drop(mnt);
+    s.unmount_all().unwrap();
+}
+
 #[test]
 fn orphan_with_a_live_mount_is_unmounted_before_it_is_deleted() {
     require_root();
