@@ -160,7 +160,7 @@ proptest! {
         let session = strata_fuse::fs::spawn(strata_fuse::Union::new(s.clone()), &fuse_at, &strata_fuse::fs::config("strata-test", 2, true)).unwrap();
         let mut fused = BTreeMap::new();
         walk_fs(&fuse_at, Path::new(""), &mut fused);
-        strata_fuse::fs::ended(session.umount_and_join()).unwrap();
+        crate::end(session, &fuse_at);
         prop_assert_eq!(&fused, &kernel, "FUSE view differs from kernel overlay");
         let Some(Resolved::Dir { layers, .. }) = s.root() else { panic!("no root") };
         let mut model = BTreeMap::new();
@@ -273,7 +273,7 @@ proptest! {
         let (mut kview, mut fview) = (BTreeMap::new(), BTreeMap::new());
         walk_fs(&km, Path::new(""), &mut kview);
         walk_fs(&fm, Path::new(""), &mut fview);
-        strata_fuse::fs::ended(session.umount_and_join()).unwrap();
+        crate::end(session, &fm);
         unmount(&km, false).unwrap();
         prop_assert_eq!(&fview, &kview, "merged views differ after {:?}", ops);
         // FUSE's upper under kernel overlay.

@@ -69,7 +69,7 @@ impl Union {
 impl Drop for Union {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            strata_fuse::fs::ended(s.umount_and_join()).unwrap();
+            crate::end(s, &self.at);
         }
     }
 }
@@ -478,7 +478,7 @@ fn changes_show_at_once_through_the_caches() {
 
     // Kernel overlay over the same lower and upper shows what FUSE showed.
     let merged = walk(&u.at);
-    strata_fuse::fs::ended(u.session.take().unwrap().umount_and_join()).unwrap();
+    crate::end(u.session.take().unwrap(), &u.at);
     let work = u.upper.with_file_name("work");
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
@@ -816,7 +816,7 @@ fn listed_numbers_are_stat_numbers_over_an_overlay_of_two_filesystems() {
     check(); // listed first, then looked up
     std::fs::write(at.join("d/new"), b"n").unwrap();
     check(); // listed again with every name known
-    strata_fuse::fs::ended(session.umount_and_join()).unwrap();
+    crate::end(session, &at);
 }
 
 #[test]
