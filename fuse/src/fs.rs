@@ -1718,7 +1718,8 @@ pub fn serve_with(
 }
 
 /// Mounts `union` at `mountpoint` and serves it from background threads until it is unmounted
-/// or the returned session is dropped; the node table's cap is kept from here on.
+/// or the returned session is dropped; the node table's cap is kept from here on, and the
+/// request threads are placed as [`crate::threads`] says.
 pub fn spawn(
     union: Union,
     mountpoint: &Path,
@@ -1730,7 +1731,10 @@ pub fn spawn(
     let (evict, nodes) = (union.evict.clone(), union.nodes.clone());
     let session = fuser::Session::new(union, mountpoint, config)?;
     evict.start(nodes, session.notifier());
-    session.spawn()
+    let before = crate::threads::tasks();
+    let session = session.spawn()?;
+    crate::threads::place(&before, config.n_threads.unwrap_or(1));
+    Ok(session)
 }
 
 impl Drop for Union {

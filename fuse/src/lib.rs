@@ -17,6 +17,7 @@
 //!   cached until a change touches them, listings the kernel may cache, and file I/O done by
 //!   the kernel itself where it can: every file passes through to its backing file as root
 //!   (FUSE passthrough), writes go through the kernel's writeback cache otherwise.
+//! - [`threads`]: how many request threads, each kept on its own CPU.
 //! - [`mounts`]: finding and unmounting FUSE mounts (with `fusermount3` when unprivileged).
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
 #![deny(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod node;
 pub mod ops;
 mod pathmap;
 mod sys;
+pub mod threads;
 
 pub use fs::Union;
 

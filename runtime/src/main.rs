@@ -451,7 +451,10 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
         if a.volatile {
             union = union.volatile();
         }
-        let mut config = strata_fuse::fs::config(&a.fsname, a.threads, read_only);
+        let threads = a
+            .threads
+            .unwrap_or_else(strata_fuse::threads::default_threads);
+        let mut config = strata_fuse::fs::config(&a.fsname, threads, read_only);
         strata_fuse::fs::restrict(&mut config, a.nosuid, a.nodev);
         let (detached, log_file) = (a.detached, a.log_file.clone());
         return strata_fuse::fs::serve_with(union, &a.merged, &config, move || {
@@ -471,9 +474,10 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
         a.lower.clone().into(),
         "--fsname".into(),
         a.fsname.clone().into(),
-        "--threads".into(),
-        a.threads.to_string().into(),
     ];
+    if let Some(n) = a.threads {
+        args.extend(["--threads".into(), n.to_string().into()]);
+    }
     if let (Some(u), Some(w)) = (&a.upper, &a.work) {
         args.extend([
             "--upper".into(),
@@ -613,7 +617,7 @@ fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
         fsname,
         nosuid,
         nodev,
-        threads: 4,
+        threads: None,
         log_file: None,
         detached: false,
     })

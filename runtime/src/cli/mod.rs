@@ -598,9 +598,10 @@ pub struct MountArgs {
     /// With --fuse: device files on the mount cannot be opened (`nodev`).
     #[arg(long, requires = "fuse")]
     pub nodev: bool,
-    /// With --fuse: request-handling threads.
-    #[arg(long, default_value_t = 4, requires = "fuse")]
-    pub threads: usize,
+    /// With --fuse: request-handling threads (default: one per CPU, at least 2, at most 16,
+    /// each kept on its own CPU; another count leaves them to the scheduler).
+    #[arg(long, requires = "fuse")]
+    pub threads: Option<usize>,
     /// With --fuse, detached: where the server's log goes once the mount is live (default:
     /// nowhere; before that, errors reach the starting command).
     #[arg(long, requires = "fuse")]

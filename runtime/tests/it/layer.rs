@@ -626,6 +626,102 @@ fn a_mount_point_takes_a_new_fuse_mount_right_after_umount() {
     }
 }
 
+/// The CPUs in a `Cpus_allowed_list` line: `0-1`, `0,2`, `3`.
+fn cpu_list(s: &str) -> Vec<usize> {
+    s.trim()
+        .split(',')
+        .flat_map(|r| match r.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![r.parse().unwrap()],
+        })
+        .collect()
+}
+
+/// The request threads (`fuser-N`) of the FUSE server serving `merged`, in order, each with the
+/// CPUs it may run on.
+type Threads = Vec<(String, Vec<usize>)>;
+
+fn request_threads(merged: &Path) -> Threads {
+    let want = merged.as_os_str().as_encoded_bytes();
+    let pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let mut args = cmd.split(|&b| b == 0);
+            (args.clone().any(|a| a == b"--foreground") && args.any(|a| a == want)).then_some(pid)
+        })
+        .expect("the FUSE server's process");
+    let mut threads: Threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let comm = comm.trim().to_string();
+            comm.starts_with("fuser-").then_some(())?;
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let list = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            Some((comm, cpu_list(list)))
+        })
+        .filter(|(c, _)| c != "fuser-bg")
+        .collect();
+    threads.sort();
+    threads
+}
+
+/// `strata mount --fuse` serves with one request thread per CPU it may run on, each kept on its
+/// own CPU (so a request is answered on the caller's CPU); with another `--threads` count they
+/// are left to the scheduler.
+#[test]
+fn fuse_request_threads_are_kept_one_per_cpu() {
+    require_root();
+    let cpus = strata_fuse::threads::cpus();
+    assert!(
+        cpus.len() >= 2,
+        "the test needs 2 CPUs; this machine gives {cpus:?}"
+    );
+    let t = scratch();
+    let d = t.path();
+    for p in ["l", "m"] {
+        std::fs::create_dir_all(d.join(p)).unwrap();
+    }
+    // The server runs on two CPUs whatever the machine has.
+    let two = format!("{},{}", cpus[0], cpus[1]);
+    // The threads as they are once placed (the mount is live before the server has started
+    // them), or after 5 s.
+    let mount = |extra: &[&str], placed: &dyn Fn(&Threads) -> bool| {
+        ok(Command::new("taskset")
+            .args(["-c", &two])
+            .arg(env!("CARGO_BIN_EXE_strata"))
+            .args(["mount", "--fuse", "--lower"])
+            .arg(d.join("l"))
+            .args(extra)
+            .arg(d.join("m")));
+        let t0 = std::time::Instant::now();
+        let mut threads = request_threads(&d.join("m"));
+        while !placed(&threads) && t0.elapsed().as_secs() < 5 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            threads = request_threads(&d.join("m"));
+        }
+        ok(Command::new("umount").arg(d.join("m")));
+        threads
+    };
+    let kept = vec![
+        ("fuser-0".to_string(), vec![cpus[0]]),
+        ("fuser-1".to_string(), vec![cpus[1]]),
+    ];
+    assert_eq!(mount(&[], &|t| *t == kept), kept);
+    let three = mount(&["--threads", "3"], &|t| t.len() == 3);
+    assert_eq!(three.len(), 3, "{three:?}");
+    assert!(
+        three.iter().all(|(_, c)| *c == cpus[..2]),
+        "left to the scheduler: {three:?}"
+    );
+}
+
 /// The syncs (`fsync`, `fdatasync`, `syncfs`) a `strata mount --fuse -f` server makes while
 /// a lower file is appended to and fsynced and a lower directory is renamed through its mount.
 fn server_syncs(d: &Path, extra: &[&str]) -> usize {
