@@ -594,6 +594,19 @@ fn a_fuse_server_serves_more_open_files_than_its_starting_limit() {
     );
 }
 
+/// `strata mount --fuse` of `d`'s `l` under upper `u` (work dir `w`) on `m`.
+fn mount_union(d: &Path) -> Command {
+    let mut c = strata();
+    c.args(["mount", "--fuse", "--lower"])
+        .arg(d.join("l"))
+        .arg("--upper")
+        .arg(d.join("u"))
+        .arg("--work")
+        .arg(d.join("w"))
+        .arg(d.join("m"));
+    c
+}
+
 /// A FUSE server ended by `umount` leaves the mount point alone: mounted again at once, the
 /// new mount stays (fuser's own end of session unmounted the path a second time, taking a new
 /// server's mount with it in about one try in ten).
@@ -607,15 +620,7 @@ fn a_mount_point_takes_a_new_fuse_mount_right_after_umount() {
     }
     std::fs::write(d.join("l/f"), "lower").unwrap();
     for i in 0..50 {
-        let mut c = strata();
-        c.args(["mount", "--fuse", "--lower"])
-            .arg(d.join("l"))
-            .arg("--upper")
-            .arg(d.join("u"))
-            .arg("--work")
-            .arg(d.join("w"))
-            .arg(d.join("m"));
-        ok(&mut c);
+        ok(&mut mount_union(d));
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(
             std::fs::read_to_string(d.join("m/f")).ok().as_deref(),
@@ -795,18 +800,7 @@ fn volatile_fuse_mounts_sync_nothing_and_leave_the_kernel_mark() {
 
     let mark = d.join("w/work/incompat/volatile");
     assert!(mark.is_dir(), "kernel overlay's mark is left");
-    let mount = || {
-        let mut c = strata();
-        c.args(["mount", "--fuse", "--lower"])
-            .arg(d.join("l"))
-            .arg("--upper")
-            .arg(d.join("u"))
-            .arg("--work")
-            .arg(d.join("w"))
-            .arg(d.join("m"));
-        c
-    };
-    fails(&mut mount(), "incompat/volatile");
+    fails(&mut mount_union(d), "incompat/volatile");
     let kernel = Command::new("mount")
         .args(["-t", "overlay", "overlay", "-o"])
         .arg(format!(
@@ -823,7 +817,7 @@ fn volatile_fuse_mounts_sync_nothing_and_leave_the_kernel_mark() {
         "kernel overlay refuses the same mark"
     );
     std::fs::remove_dir(&mark).unwrap();
-    ok(&mut mount());
+    ok(&mut mount_union(d));
     assert_eq!(
         std::fs::read_to_string(d.join("m/f")).unwrap(),
         "lower+",
