@@ -365,7 +365,7 @@ impl Union {
 
     /// Syncs nothing, as kernel overlay's `volatile` option: copy-ups are not synced before
     /// they are renamed into the upper, and fsync returns at once. Mounting leaves the mark
-    /// kernel overlay leaves (see [`crate::ops::volatile_marker`]). No effect without an upper.
+    /// kernel overlay leaves (see [`strata_overlay::mount::volatile_marker`]). No effect without an upper.
     pub fn volatile(mut self) -> Union {
         if let Some(u) = &mut self.upper {
             u.volatile = true;
@@ -1409,8 +1409,10 @@ impl fuser::Filesystem for Union {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.upper.as_ref().is_some_and(|u| u.volatile) {
+            return reply.ok();
+        }
         let r = match self.file(fh.0) {
-            _ if self.upper.as_ref().is_some_and(|u| u.volatile) => Ok(()),
             Some(f) if datasync => f.sync_data().map_err(errno),
             Some(f) => f.sync_all().map_err(errno),
             None => Ok(()),

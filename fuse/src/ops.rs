@@ -56,13 +56,6 @@ pub struct Upper {
     pub volatile: bool,
 }
 
-/// Where a volatile mount leaves its mark, under the work dir: kernel overlay's own path, so
-/// that neither it nor this union mounts the upper again before someone decides the upper is
-/// intact (after a crash it may not be).
-pub fn volatile_marker(work: &Path) -> PathBuf {
-    work.join("work/incompat/volatile")
-}
-
 impl Upper {
     /// The upper `root` with its `work` dir; copies are noted in `inos`.
     pub fn new(root: PathBuf, work: PathBuf, inos: Arc<Inos>) -> Upper {
@@ -84,7 +77,7 @@ impl Upper {
     /// Readies the work dir for a mount, as kernel overlay does: refuses while the mark of an
     /// earlier volatile mount is there, and leaves that mark when this mount is volatile.
     pub fn prepare(&self) -> std::io::Result<()> {
-        let marker = volatile_marker(&self.work);
+        let marker = strata_overlay::mount::volatile_marker(&self.work);
         if std::fs::symlink_metadata(&marker).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,

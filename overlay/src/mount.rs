@@ -274,6 +274,13 @@ impl Mount {
     }
 }
 
+/// Where a `volatile` overlay mount leaves its mark under work dir `work`. While it is there
+/// the kernel refuses to mount over that work dir (after a crash the upper may have lost
+/// writes); Strata's FUSE union keeps the same mark and the same rule.
+pub fn volatile_marker(work: &Path) -> PathBuf {
+    work.join("work/incompat/volatile")
+}
+
 /// Unmounts `target` (lazily with `detach`).
 pub fn unmount(target: &Path, detach: bool) -> Result<()> {
     let t = sys::os_cstr(target.as_os_str()).map_err(|e| Error::io("umount", target, e))?;

@@ -537,9 +537,9 @@ fn mount_fuse(a: cli::MountArgs) -> Result<()> {
 
 /// `strata-fuse [-f] [-d] -o lowerdir=A:B[,upperdir=U,workdir=W][,fsname=N][,...] MERGED`:
 /// fuse-overlayfs' command line. Relative layer paths are taken from the current directory;
-/// `ro`, `nosuid`, `nodev` and `volatile` (or `fsync=0`) are honoured; options it does not need (allow_other,
-/// default_permissions, squash_to_root, ...) are accepted and ignored, as FUSE mount options
-/// are set here anyway.
+/// `ro`, `nosuid`, `nodev` and `volatile` (or `fsync=0`) are honoured; options it does not
+/// need (allow_other, default_permissions, squash_to_root, ...) are accepted and ignored, as
+/// FUSE mount options are set here anyway.
 fn fuse_overlayfs_compat(args: &[std::ffi::OsString]) -> Result<()> {
     let (mut foreground, mut opts, mut merged) = (false, Vec::new(), None);
     let mut it = args.iter().map(|a| a.to_string_lossy().into_owned());

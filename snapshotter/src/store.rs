@@ -811,7 +811,8 @@ impl Snapshotter {
             // A volatile mount (kernel overlay or FUSE) leaves work/work/incompat/volatile and
             // neither mounts over it again. Within one boot nothing was lost, so it may go (the
             // restart case is handled at start).
-            let _ = std::fs::remove_dir_all(self.dir(id).join("work/work/incompat/volatile"));
+            let mark = strata_overlay::mount::volatile_marker(&self.dir(id).join("work"));
+            let _ = std::fs::remove_dir_all(mark);
         }
         if let Some(helper) = &self.fuse {
             return self
