@@ -4,6 +4,8 @@
 //! disk. Prints p50 and p99 per operation and the ratio Strata / containerd. Every other round
 //! writes a 4 KiB file into the active snapshot's upper dir before Commit (the
 //! `commit (written)` row), so Commit is timed with data to make durable as well as untouched.
+//! The `no-op` row calls a method neither server has: the floor of one call through this
+//! client, transport and framework, with no snapshot work at all.
 //!
 //! `cargo build --release -p strata-runtime && bash ../shared/conformance/setup.sh` first (or
 //! set `STRATA_BIN` and `REFSERVER`), then `cargo bench -p strata-benches --bench snapshots`.
@@ -16,6 +18,12 @@ use strata_snapshotter::api::containerd::services::snapshots::v1 as pb;
 use tonic::transport::Channel;
 
 type Client = pb::snapshots_client::SnapshotsClient<Channel>;
+
+/// One server's clients: the snapshots service, and raw gRPC on the same channel (no-op).
+struct Conn {
+    snap: Client,
+    raw: tonic::client::Grpc<Channel>,
+}
 
 fn find(env: &str, default: PathBuf, how: &str) -> PathBuf {
     let p = std::env::var_os(env).map(PathBuf::from).unwrap_or(default);
@@ -48,11 +56,32 @@ fn start(cmd: &mut Command, socket: &Path) -> Proc {
     Proc(child)
 }
 
-async fn client(socket: PathBuf) -> Client {
-    strata_snapshotter::connect(&socket).await.unwrap()
+async fn client(socket: PathBuf) -> Conn {
+    let ch = strata_snapshotter::connect_channel(&socket).await.unwrap();
+    Conn {
+        snap: Client::new(ch.clone()),
+        raw: tonic::client::Grpc::new(ch),
+    }
 }
 
-const OPS: [&str; 7] = [
+/// Calls a method no server implements and checks it was answered Unimplemented.
+async fn no_op(g: &mut tonic::client::Grpc<Channel>) {
+    use tonic::codegen::http::uri::PathAndQuery;
+    g.ready().await.unwrap();
+    let r = g
+        .unary::<(), (), _>(
+            tonic::Request::new(()),
+            PathAndQuery::from_static("/containerd.services.snapshots.v1.Snapshots/NoSuchMethod"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    assert_eq!(
+        r.expect_err("no server has this method").code(),
+        tonic::Code::Unimplemented
+    );
+}
+
+const OPS: [&str; 8] = [
     "prepare",
     "mounts",
     "stat",
@@ -60,6 +89,7 @@ const OPS: [&str; 7] = [
     "commit (written)",
     "remove",
     "stat (missing key)",
+    "no-op (unknown method)",
 ];
 
 /// The `upperdir=` of an overlay mount.
@@ -71,7 +101,8 @@ fn upperdir(m: &strata_snapshotter::api::containerd::types::Mount) -> PathBuf {
         .expect("an active snapshot on a parent is an overlay with an upper dir")
 }
 
-async fn round(c: &mut Client, i: usize, out: &mut [Vec<Duration>; 7]) {
+async fn round(conn: &mut Conn, i: usize, out: &mut [Vec<Duration>; 8]) {
+    let c = &mut conn.snap;
     let key = format!("active-{i}");
     let name = format!("committed-{i}");
     let t = Instant::now();
@@ -131,6 +162,9 @@ async fn round(c: &mut Client, i: usize, out: &mut [Vec<Duration>; 7]) {
         })
         .await;
     out[6].push(t.elapsed());
+    let t = Instant::now();
+    no_op(&mut conn.raw).await;
+    out[7].push(t.elapsed());
 }
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
@@ -189,10 +223,10 @@ fn main() {
         .unwrap();
     let (mut a, mut b) =
         rt.block_on(async { (client(ss.clone()).await, client(cs.clone()).await) });
-    let mut sa: [Vec<Duration>; 7] = Default::default();
-    let mut sb: [Vec<Duration>; 7] = Default::default();
+    let mut sa: [Vec<Duration>; 8] = Default::default();
+    let mut sb: [Vec<Duration>; 8] = Default::default();
     rt.block_on(async {
-        for c in [&mut a, &mut b] {
+        for c in [&mut a.snap, &mut b.snap] {
             c.prepare(pb::PrepareSnapshotRequest {
                 key: "base-a".into(),
                 ..Default::default()
@@ -208,7 +242,7 @@ fn main() {
             .unwrap();
         }
         // Warm-up, then interleaved rounds so both see the same machine noise.
-        let mut sink: [Vec<Duration>; 7] = Default::default();
+        let mut sink: [Vec<Duration>; 8] = Default::default();
         for i in 0..20 {
             round(&mut a, 1_000_000 + i, &mut sink).await;
             round(&mut b, 1_000_000 + i, &mut sink).await;

@@ -47,6 +47,6 @@ pub mod api {
 
 pub use error::{Error, Result};
 pub use fuse::FuseHelper;
-pub use service::{connect, serve};
+pub use service::{connect, connect_channel, serve};
 pub use store::{Config, Info, Mode, Snapshotter, Usage};
 pub use strata_overlay::{Mount, Overlay};

@@ -262,8 +262,15 @@ pub async fn serve(
 pub async fn connect(
     socket: &Path,
 ) -> Result<pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>> {
+    Ok(pb::snapshots_client::SnapshotsClient::new(
+        connect_channel(socket).await?,
+    ))
+}
+
+/// A gRPC channel to the unix socket `socket`, for any service served there.
+pub async fn connect_channel(socket: &Path) -> Result<tonic::transport::Channel> {
     let path = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://[::]:0")
+    tonic::transport::Endpoint::try_from("http://[::]:0")
         .map_err(|e| Error::io("connect", socket, std::io::Error::other(e.to_string())))?
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let p = path.clone();
@@ -274,6 +281,5 @@ pub async fn connect(
             }
         }))
         .await
-        .map_err(|e| Error::io("connect", socket, std::io::Error::other(e.to_string())))?;
-    Ok(pb::snapshots_client::SnapshotsClient::new(channel))
+        .map_err(|e| Error::io("connect", socket, std::io::Error::other(e.to_string())))
 }
