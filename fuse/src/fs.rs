@@ -258,6 +258,8 @@ pub struct Union {
     /// this server (`FUSE_HANDLE_KILLPRIV_V2`, asked with passthrough): otherwise it asks for
     /// `security.capability` before every write, a round trip each. See [`Union::kill_suid`].
     killpriv: std::sync::atomic::AtomicBool,
+    /// This server runs as root: it gives each new entry to its creator (see [`Union::own`]).
+    root: bool,
     /// Filesystems (`st_dev`) whose files the kernel refused to pass through to (stacked too
     /// deep): their files are cached.
     refused: Mutex<std::collections::HashSet<u64>>,
@@ -349,6 +351,7 @@ impl Union {
             passthrough: std::sync::atomic::AtomicBool::new(false),
             refused: Mutex::new(std::collections::HashSet::new()),
             killpriv: std::sync::atomic::AtomicBool::new(false),
+            root: nix::unistd::geteuid().is_root(),
             node_io: Mutex::new(HashMap::new()),
             counts: Arc::default(),
         }
@@ -518,11 +521,39 @@ impl Union {
         Ok((rel, had))
     }
 
-    /// Gives a new upper entry to the requesting user (as root; the kernel's own rule).
-    fn own(&self, req: &Request, real: &Path) {
-        if nix::unistd::geteuid().is_root() {
-            let _ = std::os::unix::fs::lchown(real, Some(req.uid()), Some(req.gid()));
+    /// Gives the upper entry `real`, just made by this server and `made` as made, to the
+    /// requesting user, as the kernel gives a new file to its creator: the caller's user, and
+    /// the caller's group unless the directory holding it is set-group-ID (the backing
+    /// filesystem then gave it that directory's group, and a directory the bit, already).
+    /// Only as root: rootless, the user namespace maps ids. chown drops the set-user-ID and
+    /// set-group-ID bits of what is not a directory; the mode it was made with is put back.
+    /// Returns whether the entry changed (its `made` is stale then). Nothing to do, the
+    /// common case of root making files in a plain directory, costs no system call.
+    fn own(&self, req: &Request, real: &Path, made: &FileStat) -> Result<bool, Errno> {
+        use nix::sys::stat::lstat;
+        let fail = |e: nix::Error| Errno::from_i32(e as i32);
+        if !self.root {
+            return Ok(false);
         }
+        let uid = (made.st_uid != req.uid()).then_some(req.uid());
+        let gid = (made.st_gid != req.gid()
+            && !real
+                .parent()
+                .is_some_and(|d| lstat(d).is_ok_and(|st| st.st_mode & libc::S_ISGID != 0)))
+        .then_some(req.gid());
+        if uid.is_none() && gid.is_none() {
+            return Ok(false);
+        }
+        std::os::unix::fs::lchown(real, uid, gid).map_err(errno)?;
+        let kept = made.st_mode & 0o7777;
+        if made.st_mode & libc::S_IFMT != libc::S_IFLNK
+            && lstat(real).map_err(fail)?.st_mode & 0o7777 != kept
+        {
+            // Not a symbolic link: nothing to follow.
+            std::fs::set_permissions(real, std::os::unix::fs::PermissionsExt::from_mode(kept))
+                .map_err(errno)?;
+        }
+        Ok(true)
     }
 
     /// `f` is written or truncated by `req`'s caller: its set-user-ID bit goes, and its
@@ -550,9 +581,27 @@ impl Union {
     /// The entry reply for `rel`, just made in the upper by a change.
     fn entry_of(&self, rel: &Path) -> Result<FileAttr, Errno> {
         let st = self.upper_entry(rel)?;
-        let id = self.inos.of(&st);
+        Ok(self.entry_from(rel, &st))
+    }
+
+    /// [`Union::entry_of`] with the entry's stat in hand.
+    fn entry_from(&self, rel: &Path, st: &FileStat) -> FileAttr {
+        let id = self.inos.of(st);
         self.looked_up(rel, id);
-        Ok(attr(id, &st))
+        attr(id, st)
+    }
+
+    /// [`Union::entry_of`] for `rel`, just made as `made`, then [`Union::own`]ed: stated again
+    /// only if owning it changed it.
+    fn entry_made(&self, req: &Request, rel: &Path, made: &FileStat) -> Result<FileAttr, Errno> {
+        let up = self.upper.as_ref().ok_or(Errno::EROFS)?;
+        if self.own(req, &up.root.join(rel), made)? {
+            return self.entry_of(rel);
+        }
+        if crate::layer::is_whiteout(made) {
+            return Err(Errno::ENOENT);
+        }
+        Ok(self.entry_from(rel, made))
     }
 
     /// The `lstat` of `rel`, just made in the upper: the top layer, so what the merged view
@@ -1092,8 +1141,8 @@ impl fuser::Filesystem for Union {
                 rdev as u64,
             )
             .map_err(|e| Errno::from_i32(e as i32))?;
-            self.own(req, &real);
-            self.entry_of(&rel)
+            let made = nix::sys::stat::lstat(&real).map_err(|e| Errno::from_i32(e as i32))?;
+            self.entry_made(req, &rel, &made)
         })();
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -1116,17 +1165,22 @@ impl fuser::Filesystem for Union {
             w.touch(&rel);
             let real = up.root.join(&rel);
             std::fs::create_dir(&real).map_err(errno)?;
-            std::fs::set_permissions(
-                &real,
-                std::os::unix::fs::PermissionsExt::from_mode(mode & !umask & 0o7777),
-            )
-            .map_err(errno)?;
+            let stat = |p: &Path| nix::sys::stat::lstat(p).map_err(|e| Errno::from_i32(e as i32));
+            let mut made = stat(&real)?;
+            // The mode asked for, not this server's umask; the set-group-ID bit a directory
+            // inherits from a set-group-ID parent stays, as the kernel has it.
+            let want = (mode & !umask & 0o7777) | (made.st_mode & libc::S_ISGID);
+            if made.st_mode & 0o7777 != want {
+                std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(want))
+                    .map_err(errno)?;
+                made = stat(&real)?;
+            }
             // Where a deleted directory was, the new one must not show the old one's entries.
             if had_whiteout {
                 up.set_opaque(&real)?;
+                made = stat(&real)?;
             }
-            self.own(req, &real);
-            self.entry_of(&rel)
+            self.entry_made(req, &rel, &made)
         })();
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -1211,8 +1265,8 @@ impl fuser::Filesystem for Union {
             w.touch(&rel);
             let real = up.root.join(&rel);
             std::os::unix::fs::symlink(target, &real).map_err(errno)?;
-            self.own(req, &real);
-            self.entry_of(&rel)
+            let made = nix::sys::stat::lstat(&real).map_err(|e| Errno::from_i32(e as i32))?;
+            self.entry_made(req, &rel, &made)
         })();
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -1350,8 +1404,8 @@ impl fuser::Filesystem for Union {
                 .append(flags & libc::O_APPEND != 0 && !self.writeback)
                 .mode(mode & !umask & 0o7777);
             let f = o.open(&real).map_err(errno)?;
-            self.own(req, &real);
-            let a = self.entry_of(&rel)?;
+            let made = nix::sys::stat::fstat(&f).map_err(|e| Errno::from_i32(e as i32))?;
+            let a = self.entry_made(req, &rel, &made)?;
             Ok((a, f))
         })();
         let (a, f) = match r {

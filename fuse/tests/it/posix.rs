@@ -907,3 +907,95 @@ fn a_root_mount_honours_set_id_bits_and_devices_as_kernel_overlay_does() {
         "euid of a set-uid program"
     );
 }
+
+/// Runs `calls` in a child process as user and group `id` with no supplementary groups and
+/// umask 022, and checks it succeeded. `calls` makes raw system calls only: this process has
+/// threads, and a forked child may not allocate or take locks.
+fn as_user(id: u32, calls: impl FnOnce() -> bool) {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork};
+    // SAFETY: the child makes only system calls (no allocation, no lock) and leaves with
+    // `_exit`; the parent only waits for it.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            // SAFETY: plain system calls on values, then `_exit`, which never returns.
+            unsafe {
+                libc::umask(0o022);
+                let ok = libc::setgroups(0, std::ptr::null()) == 0
+                    && libc::setresgid(id, id, id) == 0
+                    && libc::setresuid(id, id, id) == 0
+                    && calls();
+                libc::_exit(if ok { 0 } else { 1 })
+            }
+        }
+        ForkResult::Parent { child } => {
+            assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
+        }
+    }
+}
+
+/// A new entry belongs to its creator, as on kernel overlay: the caller's user, and the
+/// caller's group unless the directory is set-group-ID, where it takes the directory's group
+/// (and a new directory the bit). A set-user-ID file made by a user keeps its bit.
+#[test]
+fn new_entries_belong_to_their_creator_and_set_group_id_dirs_pass_their_group_on() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let u = Union::new(|_| {});
+    let perms = |m: u32| std::fs::Permissions::from_mode(m);
+    std::fs::create_dir(u.p("d")).unwrap();
+    std::os::unix::fs::chown(u.p("d"), None, Some(1234)).unwrap();
+    std::fs::set_permissions(u.p("d"), perms(0o2777)).unwrap();
+    std::fs::create_dir(u.p("u")).unwrap();
+    std::fs::set_permissions(u.p("u"), perms(0o777)).unwrap();
+    // As root.
+    std::fs::write(u.p("d/f"), b"x").unwrap();
+    std::fs::DirBuilder::new()
+        .mode(0o750)
+        .create(u.p("d/sub"))
+        .unwrap();
+    nix::unistd::mkfifo(
+        &u.p("d/fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("x", u.p("d/sl")).unwrap();
+    // As a user outside group 1234.
+    let c = |rel: &str| CString::new(u.p(rel).as_os_str().as_bytes()).unwrap();
+    let (suid, uf, ud, usl, target) = (c("u/suid"), c("d/uf"), c("d/ud"), c("u/usl"), c("t"));
+    as_user(65534, || {
+        // SAFETY: system calls on NUL-terminated paths made before the fork.
+        unsafe {
+            let made = |fd: i32| fd >= 0 && libc::close(fd) == 0;
+            made(libc::open(
+                suid.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY,
+                0o4755,
+            )) && made(libc::open(
+                uf.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY,
+                0o2755,
+            )) && libc::mkdir(ud.as_ptr(), 0o755) == 0
+                && libc::symlink(target.as_ptr(), usl.as_ptr()) == 0
+        }
+    });
+    let owner = |rel: &str| {
+        let m = std::fs::symlink_metadata(u.p(rel)).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(owner("d/f"), (0, 1234, 0o644));
+    assert_eq!(owner("d/sub"), (0, 1234, 0o2750));
+    assert_eq!(owner("d/fifo"), (0, 1234, 0o644));
+    assert_eq!(owner("d/sl").0, 0);
+    assert_eq!(owner("d/sl").1, 1234);
+    assert_eq!(owner("u/suid"), (65534, 65534, 0o4755));
+    // Not of the directory's group: the kernel drops set-group-ID from the mode it asks for.
+    assert_eq!(owner("d/uf"), (65534, 1234, 0o755));
+    assert_eq!(owner("d/ud"), (65534, 1234, 0o2755));
+    assert_eq!(owner("u/usl").0, 65534);
+    assert_eq!(owner("u/usl").1, 65534);
+    // The upper holds the same.
+    let m = std::fs::symlink_metadata(u.upper.join("d/sub")).unwrap();
+    assert_eq!((m.gid(), m.mode() & 0o7777), (1234, 0o2750));
+}
