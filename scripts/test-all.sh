@@ -16,10 +16,11 @@ fi
 # as a mount helper), python3 (a second process holding POSIX locks in the FUSE tests), strace
 # (counts a FUSE server's syncs), docker-registry (distribution 2.8: the registry pull/push run against), apache2-utils
 # (htpasswd for its basic auth), curl (puts an image index by hand), openssl (signs the test
-# token server's JWTs), libacl1-dev (to build pjdfstest, the POSIX suite). The conformance
-# suite's own setup installs Go and containerd's sources.
+# token server's JWTs), libacl1-dev (to build pjdfstest, the POSIX suite), acl (setfacl and
+# getfacl: ACLs through the FUSE union). The conformance suite's own setup installs Go and
+# containerd's sources.
 packages=(umoci skopeo tar attr kmod containerd runc busybox-static fuse3 fuse-overlayfs python3 strace
-  docker-registry apache2-utils curl openssl libacl1-dev)
+  docker-registry apache2-utils curl openssl libacl1-dev acl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -856,6 +856,11 @@ impl fuser::Filesystem for Union {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         use fuser::InitFlags as F;
         let mut want = F::FUSE_DO_READDIRPLUS | F::FUSE_READDIRPLUS_AUTO | F::FUSE_PARALLEL_DIROPS;
+        // POSIX ACLs count in permission checks, as on kernel overlay: the kernel reads them
+        // (`system.posix_acl_access`, which the layers hold) and checks them itself. New
+        // entries get the caller's umask or the directory's default ACL from the backing
+        // filesystem: the kernel sends the mode unmasked and the umask beside it.
+        want |= F::FUSE_POSIX_ACL | F::FUSE_DONT_MASK;
         // Writes land in the kernel's page cache and reach us in large batches: every change
         // to a file goes through this mount, so the cache is never stale.
         // As root, passthrough does better still: the kernel does file I/O on the backing
@@ -1134,12 +1139,15 @@ impl fuser::Filesystem for Union {
             let (up, mut w) = self.upper()?;
             w.touch(&rel);
             let real = up.root.join(&rel);
-            nix::sys::stat::mknod(
-                &real,
-                nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT),
-                nix::sys::stat::Mode::from_bits_truncate(mode & !umask & 0o7777),
-                rdev as u64,
-            )
+            crate::sys::with_umask(umask, || {
+                nix::sys::stat::mknod(
+                    &real,
+                    nix::sys::stat::SFlag::from_bits_truncate(mode & libc::S_IFMT),
+                    nix::sys::stat::Mode::from_bits_truncate(mode & 0o7777),
+                    rdev as u64,
+                )
+            })
+            .map_err(errno)?
             .map_err(|e| Errno::from_i32(e as i32))?;
             let made = nix::sys::stat::lstat(&real).map_err(|e| Errno::from_i32(e as i32))?;
             self.entry_made(req, &rel, &made)
@@ -1164,17 +1172,14 @@ impl fuser::Filesystem for Union {
             let (up, mut w) = self.upper()?;
             w.touch(&rel);
             let real = up.root.join(&rel);
-            std::fs::create_dir(&real).map_err(errno)?;
+            crate::sys::with_umask(umask, || {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new().mode(mode & 0o7777).create(&real)
+            })
+            .map_err(errno)?
+            .map_err(errno)?;
             let stat = |p: &Path| nix::sys::stat::lstat(p).map_err(|e| Errno::from_i32(e as i32));
             let mut made = stat(&real)?;
-            // The mode asked for, not this server's umask; the set-group-ID bit a directory
-            // inherits from a set-group-ID parent stays, as the kernel has it.
-            let want = (mode & !umask & 0o7777) | (made.st_mode & libc::S_ISGID);
-            if made.st_mode & 0o7777 != want {
-                std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(want))
-                    .map_err(errno)?;
-                made = stat(&real)?;
-            }
             // Where a deleted directory was, the new one must not show the old one's entries.
             if had_whiteout {
                 up.set_opaque(&real)?;
@@ -1402,8 +1407,10 @@ impl fuser::Filesystem for Union {
                 .write(true)
                 .create_new(true)
                 .append(flags & libc::O_APPEND != 0 && !self.writeback)
-                .mode(mode & !umask & 0o7777);
-            let f = o.open(&real).map_err(errno)?;
+                .mode(mode & 0o7777);
+            let f = crate::sys::with_umask(umask, || o.open(&real))
+                .map_err(errno)?
+                .map_err(errno)?;
             let made = nix::sys::stat::fstat(&f).map_err(|e| Errno::from_i32(e as i32))?;
             let a = self.entry_made(req, &rel, &made)?;
             Ok((a, f))

@@ -1,4 +1,5 @@
-//! The raw syscalls the FUSE filesystem needs that nix does not wrap (path xattrs).
+//! The raw syscalls the FUSE filesystem needs that nix does not wrap (path xattrs), and a
+//! thread-own umask.
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, OsStr};
@@ -78,4 +79,26 @@ pub fn lremovexattr(path: &Path, name: &OsStr) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Runs `f` with this thread's umask set to `mask`, then puts the thread's umask back.
+///
+/// A new entry is made as the caller's system call would have made it: the backing
+/// filesystem then applies the caller's umask, or, under a directory with a default ACL,
+/// the ACL instead, as the kernel does for kernel overlay's upper. The first call on a thread
+/// gives the thread its own umask (`unshare(CLONE_FS)`), so requests on other threads and
+/// the rest of the process keep theirs.
+pub fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> io::Result<T> {
+    use nix::sys::stat::{Mode, umask};
+    thread_local! {
+        static OWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !OWN.get() {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(io::Error::from)?;
+        OWN.set(true);
+    }
+    let before = umask(Mode::from_bits_truncate(mask & 0o777));
+    let out = f();
+    umask(before);
+    Ok(out)
 }

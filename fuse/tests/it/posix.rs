@@ -999,3 +999,69 @@ fn new_entries_belong_to_their_creator_and_set_group_id_dirs_pass_their_group_on
     let m = std::fs::symlink_metadata(u.upper.join("d/sub")).unwrap();
     assert_eq!((m.gid(), m.mode() & 0o7777), (1234, 0o2750));
 }
+
+/// New entries take the creator's umask, not the server's, or a directory's default ACL
+/// instead; ACLs count in permission checks, granting and denying, as on kernel overlay.
+#[test]
+fn the_creators_umask_and_posix_acls_rule_as_on_kernel_overlay() {
+    use std::os::unix::fs::PermissionsExt;
+    let u = Union::new(|l| {
+        std::fs::write(l.join("f"), b"secret").unwrap();
+        std::fs::set_permissions(l.join("f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    });
+    let sh = |cmd: String| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let p = |rel: &str| u.p(rel).display().to_string();
+    let mode = |rel: &str| std::fs::symlink_metadata(u.p(rel)).unwrap().mode() & 0o7777;
+    // The server runs in this process, under its umask (022 as a rule); the callers' differ.
+    sh(format!(
+        "umask 002; touch {x}; mkdir {d}; mkfifo {ff}; umask 0; touch {y}",
+        x = p("x"),
+        d = p("dd"),
+        ff = p("ff"),
+        y = p("y")
+    ));
+    assert_eq!(mode("x"), 0o664);
+    assert_eq!(mode("dd"), 0o775);
+    assert_eq!(mode("ff"), 0o664);
+    assert_eq!(mode("y"), 0o666);
+    let as_nobody = |gid: u32, cmd: &str| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", &format!("--regid={gid}"), "--clear-groups"])
+            .args(["sh", "-c", cmd])
+            .output()
+            .unwrap()
+    };
+    let cat = format!("cat {}", p("f"));
+    assert!(!as_nobody(65534, &cat).status.success(), "mode 600");
+    // An ACL entry grants what the mode does not.
+    sh(format!("setfacl -m u:65534:r {}", p("f")));
+    let out = as_nobody(65534, &cat);
+    assert!(out.status.success(), "granted by the ACL: {out:?}");
+    assert_eq!(out.stdout, b"secret");
+    // And a named-user entry denies what the owning group's bits would allow.
+    sh(format!(
+        "chmod 640 {f}; chgrp 1234 {f}; setfacl -m u:65534:- {f}",
+        f = p("f")
+    ));
+    assert!(
+        !as_nobody(1234, &cat).status.success(),
+        "denied by the ACL's named-user entry"
+    );
+    // A default ACL replaces the umask and passes on.
+    sh(format!(
+        "mkdir {d}; setfacl -d -m u:65534:rwx {d}; umask 077; touch {d}/new; mkdir {d}/sub",
+        d = p("acl")
+    ));
+    assert_eq!(mode("acl/new"), 0o664);
+    assert_eq!(mode("acl/sub"), 0o775);
+    let acl = sh(format!("getfacl -c {}", p("acl/sub")));
+    assert!(acl.contains("default:user:nobody:rwx"), "{acl}");
+}
