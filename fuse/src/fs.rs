@@ -333,6 +333,28 @@ fn attr(ino: u64, st: &FileStat) -> FileAttr {
     }
 }
 
+/// What readdirplus sends with "." and "..": a directory's number and kind (the kernel
+/// uses nothing else of them).
+fn dot_attr(ino: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 impl Union {
     /// A read-only union over `stack`.
     pub fn new(stack: Stack) -> Union {
@@ -1571,7 +1593,7 @@ impl fuser::Filesystem for Union {
     }
 
     /// readdir with each entry's attributes: `ls -l`, `find` and `stat` over a listing need no
-    /// lookup per entry. "." and ".." are listed without attributes (the kernel skips them).
+    /// lookup per entry. "." and ".." are listed as readdir lists them, their attributes unused.
     /// The kernel takes a reference to every other entry sent, as for a lookup.
     fn readdirplus(
         &self,
@@ -1586,8 +1608,17 @@ impl fuser::Filesystem for Union {
             Err(e) => return reply.error(e),
         };
         for (next, name, e) in list.from(number, start) {
-            let Listed::Merged(e) = e else {
-                continue; // "." and "..": the kernel looks nothing up for them
+            let e = match e {
+                // Listed for the reader with their numbers; the kernel takes no reference for
+                // them and reads none of their attributes.
+                Listed::Dot(n) => {
+                    let a = dot_attr(n);
+                    if reply.add(INodeNo(n), next, name, &Duration::ZERO, &a, Generation(0)) {
+                        break;
+                    }
+                    continue;
+                }
+                Listed::Merged(e) => e,
             };
             // A lower file the kernel holds: its attributes are remembered (lower layers do
             // not change while mounted), so the listing costs no lstat for it.

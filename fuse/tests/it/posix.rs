@@ -1065,3 +1065,53 @@ fn the_creators_umask_and_posix_acls_rule_as_on_kernel_overlay() {
     let acl = sh(format!("getfacl -c {}", p("acl/sub")));
     assert!(acl.contains("default:user:nobody:rwx"), "{acl}");
 }
+
+/// Every listing has "." and ".." once, with the directory's and its parent's numbers, as a
+/// readdir of kernel overlay (or any Linux filesystem) has: with attributes (readdirplus, the
+/// first read) or without, and in a listing longer than one reply.
+#[test]
+fn listings_have_dot_and_dot_dot() {
+    let u = Union::new(|l| {
+        std::fs::create_dir(l.join("big")).unwrap();
+        for i in 0..3000 {
+            std::fs::write(l.join(format!("big/f{i}")), b"").unwrap();
+        }
+        std::fs::create_dir(l.join("lower")).unwrap();
+    });
+    std::fs::create_dir(u.p("fresh")).unwrap();
+    std::fs::write(u.p("big/new"), b"").unwrap();
+    let ino = |rel: &str| std::fs::metadata(u.p(rel)).unwrap().ino();
+    for (dir, parent, entries) in [
+        ("", "", 3),
+        ("big", "", 3001),
+        ("lower", "", 0),
+        ("fresh", "", 0),
+    ] {
+        for pass in 0..2 {
+            let mut d = nix::dir::Dir::open(
+                &u.p(dir),
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+            let all: Vec<(String, u64)> = d
+                .iter()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (e.file_name().to_string_lossy().into_owned(), e.ino())
+                })
+                .collect();
+            let dots: Vec<_> = all
+                .iter()
+                .filter(|(n, _)| n == "." || n == "..")
+                .cloned()
+                .collect();
+            assert_eq!(
+                dots,
+                [(".".to_string(), ino(dir)), ("..".to_string(), ino(parent))],
+                "{dir:?}, read {pass}"
+            );
+            assert_eq!(all.len(), entries + 2, "{dir:?}, read {pass}");
+        }
+    }
+}
