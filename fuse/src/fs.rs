@@ -638,6 +638,59 @@ impl Union {
         Ok(st)
     }
 
+    /// `renameat2(RENAME_EXCHANGE)`: the two names swap what they name, atomically. Both are
+    /// copied up first (a directory any lower layer contributes to as a complete tree, as a
+    /// rename does, so the exchange never fails with EXDEV where kernel overlay's may), then
+    /// swapped in the upper; a directory is marked opaque where it lands, so nothing of the
+    /// lower shows through it there.
+    fn exchange(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+    ) -> Result<(), Errno> {
+        let (up, mut w) = self.upper()?;
+        let a = self.child(parent, name)?;
+        let b = self.child(newparent, newname)?;
+        w.touch(&a);
+        w.touch(&b);
+        let ra = self.fresh(&a).ok_or(Errno::ENOENT)?;
+        let rb = self.fresh(&b).ok_or(Errno::ENOENT)?;
+        if a == b {
+            return Ok(());
+        }
+        if a.starts_with(&b) || b.starts_with(&a) {
+            return Err(Errno::EINVAL);
+        }
+        for (rel, r) in [(&a, &ra), (&b, &rb)] {
+            if matches!(r, Resolved::Dir { layers, .. } if layers[..] != [0]) {
+                up.copy_up_tree(&self.stack, rel)?;
+            } else {
+                self.copy_up(up, rel)?;
+            }
+        }
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &up.root.join(&a),
+            nix::fcntl::AT_FDCWD,
+            &up.root.join(&b),
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| Errno::from_i32(e as i32))?;
+        for (rel, was) in [(&a, &rb), (&b, &ra)] {
+            if matches!(was, Resolved::Dir { .. }) {
+                up.set_opaque(&up.root.join(rel))?;
+            }
+        }
+        // The node table swaps the two subtrees, through a name no path can have.
+        let aside = Path::new("\0exchange");
+        self.nodes.rename(&a, aside);
+        self.nodes.rename(&b, &a);
+        self.nodes.rename(aside, &b);
+        Ok(())
+    }
+
     /// The merged view's entry for node `ino`: its path and what it is now.
     fn resolve(&self, ino: u64) -> Result<(PathBuf, Resolved), Errno> {
         let path = self.nodes.path(ino).ok_or(Errno::ESTALE)?;
@@ -1313,7 +1366,7 @@ impl fuser::Filesystem for Union {
     ) {
         let r = (|| {
             if flags.contains(fuser::RenameFlags::RENAME_EXCHANGE) {
-                return Err(Errno::EINVAL);
+                return self.exchange(parent.0, name, newparent.0, newname);
             }
             let (up, mut w) = self.upper()?;
             let from = self.child(parent.0, name)?;

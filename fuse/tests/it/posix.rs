@@ -1115,3 +1115,79 @@ fn listings_have_dot_and_dot_dot() {
         }
     }
 }
+
+/// `renameat2(RENAME_EXCHANGE)` swaps two names atomically, as on kernel overlay: files
+/// (their numbers go with them), a file and a directory, and directories with lower content
+/// (where kernel overlay answers EXDEV, the union copies them up whole, as for a rename). The
+/// upper mounts the same with kernel overlay afterwards.
+#[test]
+fn rename_exchange_swaps_two_names() {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    let u = Union::new(|l| {
+        std::fs::write(l.join("fa"), b"la").unwrap();
+        std::fs::write(l.join("fb"), b"lb").unwrap();
+        for (d, f) in [("da", "x"), ("db", "y")] {
+            std::fs::create_dir(l.join(d)).unwrap();
+            std::fs::write(l.join(d).join(f), b"").unwrap();
+        }
+    });
+    let swap = |a: &str, b: &str| {
+        renameat2(
+            AT_FDCWD,
+            &u.p(a),
+            AT_FDCWD,
+            &u.p(b),
+            RenameFlags::RENAME_EXCHANGE,
+        )
+    };
+    let ino = |rel: &str| std::fs::metadata(u.p(rel)).unwrap().ino();
+    let list = |rel: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(u.p(rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let (fa, fb) = (ino("fa"), ino("fb"));
+    swap("fa", "fb").unwrap();
+    assert_eq!(std::fs::read(u.p("fa")).unwrap(), b"lb");
+    assert_eq!(std::fs::read(u.p("fb")).unwrap(), b"la");
+    assert_eq!((ino("fa"), ino("fb")), (fb, fa));
+    std::fs::create_dir(u.p("ua")).unwrap();
+    std::fs::write(u.p("ua/k"), b"k").unwrap();
+    swap("ua", "fa").unwrap();
+    assert_eq!(std::fs::read(u.p("ua")).unwrap(), b"lb");
+    assert_eq!(list("fa"), ["k"]);
+    swap("da", "db").unwrap();
+    assert_eq!(
+        (list("da"), list("db")),
+        (vec!["y".to_string()], vec!["x".to_string()])
+    );
+    assert_eq!(swap("da", "missing"), Err(nix::errno::Errno::ENOENT));
+    // The upper, as kernel overlay reads it (beside the FUSE mount: all is on disk).
+    let m = tempfile::tempdir_in("/var/tmp").unwrap();
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (l, up) = (u.lower.clone(), u.upper.clone());
+    let st = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            l.display(),
+            up.display(),
+            work.path().display()
+        ))
+        .arg(m.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "kernel overlay over the union's upper");
+    let read = |rel: &str| std::fs::read_dir(m.path().join(rel)).unwrap().count();
+    let (da_y, db_x) = (
+        m.path().join("da/y").exists(),
+        m.path().join("db/x").exists(),
+    );
+    let (n_da, n_db) = (read("da"), read("db"));
+    nix::mount::umount(m.path()).unwrap();
+    assert!(da_y && db_x);
+    assert_eq!((n_da, n_db), (1, 1));
+}
