@@ -1713,6 +1713,43 @@ impl fuser::Filesystem for Union {
         self.nodes.forget(ino.0, nlookup);
     }
 
+    /// SEEK_DATA and SEEK_HOLE (the kernel does the other seeks itself), answered by the
+    /// backing file: a sparse file shows its holes, as on kernel overlay, so `cp` and `tar`
+    /// keep it sparse. Without this the kernel takes the whole file for data. Only where
+    /// writes reach the backing file at once (passthrough, or no writeback cache).
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        use nix::unistd::Whence;
+        // With the writeback cache the kernel may hold written data the backing file has not
+        // got yet, where the backing file would show a hole: ENOSYS has the kernel take the
+        // whole file for data from then on (safe, as before).
+        if self.writeback {
+            return reply.error(Errno::ENOSYS);
+        }
+        let Some(f) = self.file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let whence = match whence {
+            libc::SEEK_DATA => Whence::SeekData,
+            libc::SEEK_HOLE => Whence::SeekHole,
+            libc::SEEK_SET => Whence::SeekSet,
+            libc::SEEK_END => Whence::SeekEnd,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        // The server reads and writes at offsets, never at the descriptor's position.
+        match nix::unistd::lseek(&*f, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(Errno::from_i32(e as i32)),
+        }
+    }
+
     fn fallocate(
         &self,
         _req: &Request,

@@ -4,8 +4,8 @@
 //! - **copy-up**: before a lower entry is changed, it is copied into the upper: parents first
 //!   (directories with their owner, mode, times and xattrs), then the entry itself, built in the
 //!   work dir and renamed into place, so a crash never leaves half a file visible; data moves
-//!   with `copy_file_range` (a reflink where the filesystem has them); every copy keeps showing
-//!   its origin's inode number (see [`crate::ino`]);
+//!   with `copy_file_range` (a reflink where the filesystem has them), holes left holes; every
+//!   copy keeps showing its origin's inode number (see [`crate::ino`]);
 //! - **deletion** of a name a lower layer still shows writes a whiteout (char 0:0; where the
 //!   caller may not make devices, the `.wh.NAME` form);
 //! - a directory made where a whiteout was is **opaque**, so the lower one stays hidden;
@@ -141,14 +141,14 @@ fn copy_meta(src: &Path, dst: &Path, st: &std::fs::Metadata) -> Result<(), Errno
 /// `sync` false: the caller syncs the whole filesystem once instead (a tree's copy), or
 /// nothing is synced (a volatile mount).
 fn copy_data(src: &Path, dst: &Path, sync: bool) -> Result<(), Errno> {
-    let mut s = std::fs::File::open(src).map_err(errno)?;
-    let mut d = std::fs::OpenOptions::new()
+    let s = std::fs::File::open(src).map_err(errno)?;
+    let d = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(dst)
         .map_err(errno)?;
-    // std::io::copy uses copy_file_range on Linux for file-to-file copies.
-    std::io::copy(&mut s, &mut d).map_err(errno)?;
+    // Holes stay holes, as in kernel overlay's copies.
+    strata_overlay::tree::copy_sparse(&s, &d).map_err(errno)?;
     if sync {
         d.sync_all().map_err(errno)?;
     }

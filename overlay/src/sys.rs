@@ -505,27 +505,6 @@ pub fn flistxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     .map(names)
 }
 
-/// `copy_file_range(2)` of up to `len` bytes at the files' current offsets; 0 at end of file.
-/// The kernel reflinks where the filesystem can and copies in-kernel otherwise.
-pub fn copy_file_range(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-    // SAFETY: null offsets mean "use and advance the file offsets"; the fds are borrowed.
-    let n = unsafe {
-        libc::copy_file_range(
-            src.as_raw_fd(),
-            std::ptr::null_mut(),
-            dst.as_raw_fd(),
-            std::ptr::null_mut(),
-            len,
-            0,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// Sets atime and mtime separately, without following a symlink (`utimensat(2)`).
 pub fn lutimes2(
     dir: BorrowedFd<'_>,

@@ -2,7 +2,7 @@
 //! sticky bits too), atime and mtime, every xattr (overlay's own included, so an upper dir's
 //! whiteouts, opaque markers, redirects and metacopy stay valid), devices, fifos, sockets,
 //! symlinks, and hard links as hard links. Data moves with `copy_file_range(2)`, which the
-//! kernel turns into a reflink where the filesystem has them.
+//! kernel turns into a reflink where the filesystem has them, and holes stay holes.
 //!
 //! Used to adopt a running container's upper dir as a new layer, to pre-fill volumes, and by
 //! `strata cp`. Nothing is followed: symlinks are copied as symlinks, and every name is
@@ -21,7 +21,7 @@ use crate::{Error, Result, sys};
 pub struct CopyReport {
     /// Entries made (directories, files, links, ...), the top directory excluded.
     pub entries: u64,
-    /// Bytes of file data copied.
+    /// Bytes of file data copied (holes not counted).
     pub bytes: u64,
 }
 
@@ -148,8 +148,8 @@ impl Copier {
                     0o600,
                 )
                 .map_err(io_err("create", &path))?;
-                self.report.bytes += copy_data(s.as_fd(), d.as_fd(), st.st_size as u64)
-                    .map_err(io_err("copy data of", &path))?;
+                self.report.bytes +=
+                    copy_data(s.as_fd(), d.as_fd()).map_err(io_err("copy data of", &path))?;
                 self.meta(s.as_fd(), c"", d.as_fd(), c"", &st, &path)
             }
             libc::S_IFLNK => {
@@ -206,32 +206,48 @@ impl Copier {
     }
 }
 
-/// Copies `len` bytes (to end of file) by `copy_file_range`, falling back to read/write where
-/// the kernel can't (across filesystems before 5.3, some FUSE and proc files).
-fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, len: u64) -> io::Result<u64> {
-    let mut done = 0u64;
-    loop {
-        match sys::copy_file_range(
-            src,
-            dst,
-            (len.saturating_sub(done)).clamp(1 << 16, 1 << 30) as usize,
-        ) {
-            Ok(0) => return Ok(done),
-            Ok(n) => done += n as u64,
-            Err(e)
-                if done == 0
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                    ) =>
-            {
-                let mut s = std::fs::File::from(src.try_clone_to_owned()?);
-                let mut d = std::fs::File::from(dst.try_clone_to_owned()?);
-                return io::copy(&mut s, &mut d);
-            }
-            Err(e) => return Err(e),
+/// Copies file `src` into the new, empty `dst` (see [`copy_sparse`]).
+fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<u64> {
+    let s = std::fs::File::from(src.try_clone_to_owned()?);
+    let d = std::fs::File::from(dst.try_clone_to_owned()?);
+    copy_sparse(&s, &d)
+}
+
+/// Copies the data of `src` into the new, empty file `dst`, keeping holes, as kernel
+/// overlay's copy-up does: only the ranges `SEEK_DATA` finds are copied, by
+/// `copy_file_range` (a reflink where the filesystem has them; read and write where the
+/// kernel can't), and `dst` is then sized as `src`, so a sparse file stays sparse. Where the
+/// filesystem reports no holes, the whole file is data. Returns the bytes copied.
+pub fn copy_sparse(src: &std::fs::File, dst: &std::fs::File) -> io::Result<u64> {
+    use io::{Read, Seek, SeekFrom};
+    use nix::errno::Errno;
+    use nix::unistd::{Whence, lseek};
+    let len = src.metadata()?.len();
+    let (mut off, mut copied) = (0u64, 0u64);
+    while off < len {
+        let data = match lseek(src, off as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(Errno::ENXIO) => break, // a hole to the end
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => off,
+            Err(e) => return Err(e.into()),
+        };
+        let end = match lseek(src, data as i64, Whence::SeekHole) {
+            Ok(h) if h as u64 > data => (h as u64).min(len),
+            Ok(_) | Err(Errno::EINVAL | Errno::EOPNOTSUPP) => len,
+            Err(e) => return Err(e.into()),
+        };
+        if data >= end {
+            break;
         }
+        let (mut s, mut d) = (src, dst);
+        s.seek(SeekFrom::Start(data))?;
+        d.seek(SeekFrom::Start(data))?;
+        // std copies a `Take<&File>` into a `&File` with copy_file_range.
+        copied += io::copy(&mut s.take(end - data), &mut d)?;
+        off = end;
     }
+    dst.set_len(len)?;
+    Ok(copied)
 }
 
 /// Bytes used by the files below `dir` (regular file sizes, each hard-linked file once), as
@@ -272,6 +288,34 @@ pub fn usage(dir: &Path) -> Result<(u64, u64)> {
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn copies_keep_holes() {
+        use std::os::unix::fs::FileExt;
+        // On disk: tmpfs may be /tmp, and both keep holes, but a disk is what layers are on.
+        let t = tempfile::tempdir_in("/var/tmp").unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let f = std::fs::File::create(src.join("sparse")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"middle", 32 << 20).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        drop(f);
+        let r = copy_tree(&src, &t.path().join("dst")).unwrap();
+        assert!(r.bytes < 1 << 20, "{} bytes copied", r.bytes);
+        let (a, b) = (
+            std::fs::read(src.join("sparse")).unwrap(),
+            std::fs::read(t.path().join("dst/sparse")).unwrap(),
+        );
+        assert!(a == b, "same content");
+        let m = std::fs::metadata(t.path().join("dst/sparse")).unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert!(
+            m.blocks() < 2048,
+            "{} blocks of 512 bytes allocated",
+            m.blocks()
+        );
+    }
 
     #[test]
     fn copies_metadata_links_and_data() {

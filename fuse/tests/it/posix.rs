@@ -1191,3 +1191,36 @@ fn rename_exchange_swaps_two_names() {
     assert!(da_y && db_x);
     assert_eq!((n_da, n_db), (1, 1));
 }
+
+/// SEEK_DATA and SEEK_HOLE find a sparse file's holes, lower or copied up, as on kernel
+/// overlay (so `cp` and `tar` keep it sparse), and data just written is data. A copy-up keeps
+/// the holes unallocated.
+#[test]
+fn seek_data_and_hole_find_a_sparse_files_holes() {
+    use nix::unistd::{Whence, lseek};
+    use std::os::unix::fs::FileExt;
+    let u = Union::new(|l| {
+        let f = std::fs::File::create(l.join("sparse")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(b"data", 600_000).unwrap();
+    });
+    let f = std::fs::File::open(u.p("sparse")).unwrap();
+    assert_eq!(lseek(&f, 0, Whence::SeekData).unwrap(), 598_016);
+    assert_eq!(lseek(&f, 0, Whence::SeekHole).unwrap(), 0);
+    assert_eq!(
+        lseek(&f, 700_000, Whence::SeekData),
+        Err(nix::errno::Errno::ENXIO)
+    );
+    drop(f);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(u.p("sparse"))
+        .unwrap();
+    f.write_all_at(b"more", 900_000).unwrap();
+    let copy = std::fs::metadata(u.upper.join("sparse")).unwrap();
+    assert_eq!(copy.len(), 1 << 20);
+    assert!(copy.blocks() <= 64, "{} blocks of 512 bytes", copy.blocks());
+    assert_eq!(lseek(&f, 700_000, Whence::SeekData).unwrap(), 897_024);
+    assert_eq!(lseek(&f, 900_000, Whence::SeekHole).unwrap(), 901_120);
+}
