@@ -279,7 +279,7 @@ struct Counts {
     remembered: AtomicU64,
 }
 
-use crate::ops::errno;
+use crate::ops::{errno, nix_errno};
 
 /// The longest name a component may have (NAME_MAX of ext4, xfs, btrfs and tmpfs). Checked
 /// here because a longer one would otherwise read as absent: the `.wh.` probe of the layers
@@ -553,7 +553,6 @@ impl Union {
     /// common case of root making files in a plain directory, costs no system call.
     fn own(&self, req: &Request, real: &Path, made: &FileStat) -> Result<bool, Errno> {
         use nix::sys::stat::lstat;
-        let fail = |e: nix::Error| Errno::from_i32(e as i32);
         if !self.root {
             return Ok(false);
         }
@@ -569,7 +568,7 @@ impl Union {
         std::os::unix::fs::lchown(real, uid, gid).map_err(errno)?;
         let kept = made.st_mode & 0o7777;
         if made.st_mode & libc::S_IFMT != libc::S_IFLNK
-            && lstat(real).map_err(fail)?.st_mode & 0o7777 != kept
+            && lstat(real).map_err(nix_errno)?.st_mode & 0o7777 != kept
         {
             // Not a symbolic link: nothing to follow.
             std::fs::set_permissions(real, std::os::unix::fs::PermissionsExt::from_mode(kept))
@@ -587,7 +586,7 @@ impl Union {
         if !self.killpriv.load(Ordering::Relaxed) || req.uid() == 0 {
             return Ok(());
         }
-        let st = nix::sys::stat::fstat(f).map_err(|e| Errno::from_i32(e as i32))?;
+        let st = nix::sys::stat::fstat(f).map_err(nix_errno)?;
         let mode = st.st_mode & 0o7777;
         let mut keep = mode & !libc::S_ISUID;
         if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || req.gid() != st.st_gid) {
@@ -595,7 +594,7 @@ impl Union {
         }
         if keep != mode {
             nix::sys::stat::fchmod(f, nix::sys::stat::Mode::from_bits_truncate(keep))
-                .map_err(|e| Errno::from_i32(e as i32))?;
+                .map_err(nix_errno)?;
         }
         Ok(())
     }
@@ -630,8 +629,7 @@ impl Union {
     /// shows, unless it is a char 0:0, which is a whiteout there (as on kernel overlay).
     fn upper_entry(&self, rel: &Path) -> Result<FileStat, Errno> {
         let up = self.upper.as_ref().ok_or(Errno::EROFS)?;
-        let st =
-            nix::sys::stat::lstat(&up.root.join(rel)).map_err(|e| Errno::from_i32(e as i32))?;
+        let st = nix::sys::stat::lstat(&up.root.join(rel)).map_err(nix_errno)?;
         if crate::layer::is_whiteout(&st) {
             return Err(Errno::ENOENT);
         }
@@ -663,13 +661,8 @@ impl Union {
         if a.starts_with(&b) || b.starts_with(&a) {
             return Err(Errno::EINVAL);
         }
-        for (rel, r) in [(&a, &ra), (&b, &rb)] {
-            if matches!(r, Resolved::Dir { layers, .. } if layers[..] != [0]) {
-                up.copy_up_tree(&self.stack, rel)?;
-            } else {
-                self.copy_up(up, rel)?;
-            }
-        }
+        self.copy_up_whole(up, &a, &ra)?;
+        self.copy_up_whole(up, &b, &rb)?;
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
             &up.root.join(&a),
@@ -677,7 +670,7 @@ impl Union {
             &up.root.join(&b),
             nix::fcntl::RenameFlags::RENAME_EXCHANGE,
         )
-        .map_err(|e| Errno::from_i32(e as i32))?;
+        .map_err(nix_errno)?;
         for (rel, was) in [(&a, &rb), (&b, &ra)] {
             if matches!(was, Resolved::Dir { .. }) {
                 up.set_opaque(&up.root.join(rel))?;
@@ -703,11 +696,26 @@ impl Union {
     fn attr_of(&self, ino: u64, path: &Path, r: &Resolved) -> Result<FileAttr, Errno> {
         match r {
             Resolved::Dir { .. } => {
-                let st = nix::sys::stat::lstat(&self.real(path, r))
-                    .map_err(|e| Errno::from_i32(e as i32))?;
+                let st = nix::sys::stat::lstat(&self.real(path, r)).map_err(nix_errno)?;
                 Ok(self.attr_for(ino, &st))
             }
             Resolved::File { stat, .. } => Ok(self.attr_for(ino, stat)),
+        }
+    }
+
+    /// Copies `path`, resolved as `r`, into the upper whole, as a rename needs it: a directory
+    /// that any lower layer contributes to as a complete, opaque tree (so no rename ever fails
+    /// with EXDEV), anything else as a copy-up does.
+    fn copy_up_whole(
+        &self,
+        up: &crate::ops::Upper,
+        path: &Path,
+        r: &Resolved,
+    ) -> Result<(), Errno> {
+        if matches!(r, Resolved::Dir { layers, .. } if layers[..] != [0]) {
+            up.copy_up_tree(&self.stack, path)
+        } else {
+            self.copy_up(up, path)
         }
     }
 
@@ -754,7 +762,7 @@ impl Union {
         let identity = || {
             nix::sys::stat::fstat(f)
                 .map(|st| (st.st_dev, st.st_ino))
-                .map_err(|e| Errno::from_i32(e as i32))
+                .map_err(nix_errno)
         };
         let mut all = self.node_io.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(x) = all.get_mut(&ino) {
@@ -1188,9 +1196,9 @@ impl fuser::Filesystem for Union {
                     &ts(mtime),
                     nix::sys::stat::UtimensatFlags::NoFollowSymlink,
                 )
-                .map_err(|e| Errno::from_i32(e as i32))?;
+                .map_err(nix_errno)?;
             }
-            let st = nix::sys::stat::lstat(&real).map_err(|e| Errno::from_i32(e as i32))?;
+            let st = nix::sys::stat::lstat(&real).map_err(nix_errno)?;
             Ok(self.attr_for(ino.0, &st))
         })();
         match r {
@@ -1223,8 +1231,8 @@ impl fuser::Filesystem for Union {
                 )
             })
             .map_err(errno)?
-            .map_err(|e| Errno::from_i32(e as i32))?;
-            let made = nix::sys::stat::lstat(&real).map_err(|e| Errno::from_i32(e as i32))?;
+            .map_err(nix_errno)?;
+            let made = nix::sys::stat::lstat(&real).map_err(nix_errno)?;
             self.entry_made(req, &rel, &made)
         })();
         match r {
@@ -1253,13 +1261,11 @@ impl fuser::Filesystem for Union {
             })
             .map_err(errno)?
             .map_err(errno)?;
-            let stat = |p: &Path| nix::sys::stat::lstat(p).map_err(|e| Errno::from_i32(e as i32));
-            let mut made = stat(&real)?;
             // Where a deleted directory was, the new one must not show the old one's entries.
             if had_whiteout {
                 up.set_opaque(&real)?;
-                made = stat(&real)?;
             }
+            let made = nix::sys::stat::lstat(&real).map_err(nix_errno)?;
             self.entry_made(req, &rel, &made)
         })();
         match r {
@@ -1345,7 +1351,7 @@ impl fuser::Filesystem for Union {
             w.touch(&rel);
             let real = up.root.join(&rel);
             std::os::unix::fs::symlink(target, &real).map_err(errno)?;
-            let made = nix::sys::stat::lstat(&real).map_err(|e| Errno::from_i32(e as i32))?;
+            let made = nix::sys::stat::lstat(&real).map_err(nix_errno)?;
             self.entry_made(req, &rel, &made)
         })();
         match r {
@@ -1397,13 +1403,7 @@ impl fuser::Filesystem for Union {
                     _ => {}
                 }
             }
-            // The source, whole, into the upper: a directory that any lower layer contributes
-            // to is copied as a complete, opaque tree (so no rename ever fails with EXDEV).
-            if matches!(&src, Resolved::Dir { layers, .. } if layers[..] != [0]) {
-                up.copy_up_tree(&self.stack, &from)?;
-            } else {
-                self.copy_up(up, &from)?;
-            }
+            self.copy_up_whole(up, &from, &src)?;
             if let Some(p) = to.parent() {
                 up.ensure_dir(&self.stack, p)?;
             }
@@ -1486,7 +1486,7 @@ impl fuser::Filesystem for Union {
             let f = crate::sys::with_umask(umask, || o.open(&real))
                 .map_err(errno)?
                 .map_err(errno)?;
-            let made = nix::sys::stat::fstat(&f).map_err(|e| Errno::from_i32(e as i32))?;
+            let made = nix::sys::stat::fstat(&f).map_err(nix_errno)?;
             let a = self.entry_made(req, &rel, &made)?;
             Ok((a, f))
         })();
@@ -1739,8 +1739,6 @@ impl fuser::Filesystem for Union {
         let whence = match whence {
             libc::SEEK_DATA => Whence::SeekData,
             libc::SEEK_HOLE => Whence::SeekHole,
-            libc::SEEK_SET => Whence::SeekSet,
-            libc::SEEK_END => Whence::SeekEnd,
             _ => return reply.error(Errno::EINVAL),
         };
         // The server reads and writes at offsets, never at the descriptor's position.

@@ -36,7 +36,8 @@ pub(crate) fn errno(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-fn nix_errno(e: nix::Error) -> Errno {
+/// A nix error as the errno a reply carries.
+pub(crate) fn nix_errno(e: nix::Error) -> Errno {
     Errno::from_i32(e as i32)
 }
 

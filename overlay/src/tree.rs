@@ -140,6 +140,7 @@ impl Copier {
             }
             libc::S_IFREG => {
                 let s = sys::openat(sdir, &cname, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                    .map(std::fs::File::from)
                     .map_err(io_err("open", &path))?;
                 let d = sys::openat(
                     ddir,
@@ -147,9 +148,9 @@ impl Copier {
                     libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
                     0o600,
                 )
+                .map(std::fs::File::from)
                 .map_err(io_err("create", &path))?;
-                self.report.bytes +=
-                    copy_data(s.as_fd(), d.as_fd()).map_err(io_err("copy data of", &path))?;
+                self.report.bytes += copy_sparse(&s, &d).map_err(io_err("copy data of", &path))?;
                 self.meta(s.as_fd(), c"", d.as_fd(), c"", &st, &path)
             }
             libc::S_IFLNK => {
@@ -204,13 +205,6 @@ impl Copier {
         )
         .map_err(io_err("set times of", path))
     }
-}
-
-/// Copies file `src` into the new, empty `dst` (see [`copy_sparse`]).
-fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<u64> {
-    let s = std::fs::File::from(src.try_clone_to_owned()?);
-    let d = std::fs::File::from(dst.try_clone_to_owned()?);
-    copy_sparse(&s, &d)
 }
 
 /// Copies the data of `src` into the new, empty file `dst`, keeping holes, as kernel
