@@ -383,8 +383,10 @@ impl Union {
     /// filesystem).
     pub fn writable(stack: Stack, work: PathBuf) -> Union {
         let upper = stack.layers()[0].root.clone();
+        stack.scan_upper_markers();
+        let markers = stack.upper_markers();
         let mut u = Union::new(stack);
-        u.upper = Some(crate::ops::Upper::new(upper, work, u.inos.clone()));
+        u.upper = Some(crate::ops::Upper::new(upper, work, u.inos.clone(), markers));
         u
     }
 
@@ -533,6 +535,9 @@ impl Union {
         let (up, mut w) = self.upper()?;
         let rel = self.child(parent, name)?;
         w.touch(&rel);
+        if let Some(had) = self.vacant_in_upper(up, &rel)? {
+            return Ok((rel, had));
+        }
         if self.fresh(&rel).is_some() {
             return Err(Errno::EEXIST);
         }
@@ -541,6 +546,36 @@ impl Union {
         }
         let had = up.clear_whiteout(&rel)?;
         Ok((rel, had))
+    }
+
+    /// [`Union::new_name`]'s quick way, for a name in a directory the upper holds (known from
+    /// the directory cache): the upper's entry decides, unless it has none and layers below
+    /// merge in. Then `None`, and the whole lookup decides. A whiteout found is removed;
+    /// `Some(true)` says there was one.
+    fn vacant_in_upper(&self, up: &crate::ops::Upper, rel: &Path) -> Result<Option<bool>, Errno> {
+        let Some(parent) = rel.parent() else {
+            return Ok(None);
+        };
+        let merges_below = match self
+            .dirs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(parent)
+        {
+            Some(Resolved::Dir { layers, .. }) if layers[0] == 0 => layers.len() > 1,
+            _ => return Ok(None),
+        };
+        match nix::sys::stat::lstat(&up.root.join(rel)) {
+            Ok(st) if crate::layer::is_whiteout(&st) => {
+                std::fs::remove_file(up.root.join(rel)).map_err(errno)?;
+                up.clear_oci_whiteout(rel)?;
+                Ok(Some(true))
+            }
+            Ok(_) => Err(Errno::EEXIST),
+            Err(nix::errno::Errno::ENOENT) if !merges_below => up.clear_oci_whiteout(rel).map(Some),
+            Err(nix::errno::Errno::ENOENT) => Ok(None),
+            Err(e) => Err(nix_errno(e)),
+        }
     }
 
     /// Gives the upper entry `real`, just made by this server and `made` as made, to the
@@ -754,15 +789,17 @@ impl Union {
         &self,
         ino: u64,
         f: &File,
+        known: Option<(u64, u64)>,
         open_backing: impl FnOnce(&File) -> std::io::Result<fuser::BackingId>,
     ) -> Result<Io, Errno> {
         let pass = self.passthrough.load(Ordering::SeqCst);
-        // The backing file's identity, asked only where it matters (the kernel opens regular
-        // files only).
-        let identity = || {
-            nix::sys::stat::fstat(f)
+        // The backing file's identity (`known` when the caller has just stat'ed `f`), asked
+        // only where it matters (the kernel opens regular files only).
+        let identity = || match known {
+            Some(file) => Ok(file),
+            None => nix::sys::stat::fstat(f)
                 .map(|st| (st.st_dev, st.st_ino))
-                .map_err(nix_errno)
+                .map_err(nix_errno),
         };
         let mut all = self.node_io.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(x) = all.get_mut(&ino) {
@@ -1039,7 +1076,7 @@ impl fuser::Filesystem for Union {
             let real = if write || trunc {
                 let (up, mut w) = self.upper()?;
                 w.touch(&path);
-                self.copy_up(up, &path)?;
+                up.copy_up_known(&self.stack, &path, r)?;
                 up.root.join(&path)
             } else {
                 self.real(&path, &r)
@@ -1067,7 +1104,7 @@ impl fuser::Filesystem for Union {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
-        let io = match self.io_mode(ino.0, &f, |f| reply.open_backing(f)) {
+        let io = match self.io_mode(ino.0, &f, None, |f| reply.open_backing(f)) {
             Ok(io) => io,
             Err(e) => return reply.error(e),
         };
@@ -1488,13 +1525,13 @@ impl fuser::Filesystem for Union {
                 .map_err(errno)?;
             let made = nix::sys::stat::fstat(&f).map_err(nix_errno)?;
             let a = self.entry_made(req, &rel, &made)?;
-            Ok((a, f))
+            Ok((a, f, (made.st_dev, made.st_ino)))
         })();
-        let (a, f) = match r {
+        let (a, f, file) = match r {
             Ok(x) => x,
             Err(e) => return reply.error(e),
         };
-        let io = match self.io_mode(a.ino.0, &f, |f| reply.open_backing(f)) {
+        let io = match self.io_mode(a.ino.0, &f, Some(file), |f| reply.open_backing(f)) {
             Ok(io) => io,
             Err(e) => return reply.error(e),
         };

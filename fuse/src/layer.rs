@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::AtFlags;
@@ -45,7 +46,15 @@ pub struct Layer {
 pub struct Stack {
     layers: Vec<Layer>,
     links: LinkIndex,
+    /// Whether the upper may hold OCI markers (`.wh.NAME`, `.wh..wh..opq`): true until
+    /// [`Stack::scan_upper_markers`] finds none, and again once the union writes one. Without
+    /// them, a name missing from the upper needs no second look there.
+    upper_markers: Arc<AtomicBool>,
 }
+
+/// At most this many upper entries are looked through for OCI markers; a bigger upper is
+/// taken to have them.
+const MARKER_SCAN_CAP: usize = 100_000;
 
 /// Per lower layer, built on first need: every file with more than one link, by
 /// `(st_dev, st_ino)`, with all its names in that layer. Lowers never change under a mount.
@@ -188,6 +197,11 @@ fn kind(st: &FileStat) -> u32 {
 
 /// True when the directory at `dir` is opaque (either form).
 pub fn is_opaque(dir: &Path) -> bool {
+    is_opaque_in(dir, true)
+}
+
+/// [`is_opaque`], looking for the OCI form's marker only if `markers`.
+fn is_opaque_in(dir: &Path, markers: bool) -> bool {
     for ns in XattrNs::ALL {
         let name = OsStr::from_bytes(ns.opaque().to_bytes());
         if let Ok(v) = crate::sys::lgetxattr(dir, name) {
@@ -196,7 +210,7 @@ pub fn is_opaque(dir: &Path) -> bool {
             }
         }
     }
-    lstat(&dir.join(OsStr::from_bytes(OPAQUE_MARKER))).is_some()
+    markers && lstat(&dir.join(OsStr::from_bytes(OPAQUE_MARKER))).is_some()
 }
 
 /// `.wh.NAME`: the OCI form of a whiteout for `name`.
@@ -217,7 +231,48 @@ impl Stack {
         Stack {
             layers,
             links: LinkIndex::default(),
+            upper_markers: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Looks through the upper (up to 100,000 entries) for OCI markers; when it
+    /// holds none, lookups stop looking for them there (see [`Stack::upper_markers`]).
+    pub fn scan_upper_markers(&self) {
+        self.scan_upper_markers_within(MARKER_SCAN_CAP)
+    }
+
+    fn scan_upper_markers_within(&self, cap: usize) {
+        let Some(up) = self.upper() else { return };
+        let mut seen = 0usize;
+        let mut todo = vec![self.layers[up].root.clone()];
+        while let Some(dir) = todo.pop() {
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                return;
+            };
+            for e in rd {
+                let Ok(e) = e else { return };
+                seen += 1;
+                if seen > cap || is_marker(&e.file_name()) {
+                    return;
+                }
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    todo.push(e.path());
+                }
+            }
+        }
+        self.upper_markers.store(false, Ordering::SeqCst);
+    }
+
+    /// The flag the upper's writer raises before it writes an OCI marker.
+    pub fn upper_markers(&self) -> Arc<AtomicBool> {
+        self.upper_markers.clone()
+    }
+
+    /// Whether layer `i` may hold OCI markers.
+    fn markers_in(&self, i: usize) -> bool {
+        i != 0
+            || self.layers[0].kind != LayerKind::Upper
+            || self.upper_markers.load(Ordering::SeqCst)
     }
 
     /// Every name in lower layer `layer` of the file `(st_dev, st_ino)` (hard links).
@@ -277,7 +332,7 @@ impl Stack {
                 Some(st) if kind(&st) == libc::S_IFDIR => {
                     dirs.push(i);
                     top.get_or_insert(st);
-                    if is_opaque(&here) {
+                    if is_opaque_in(&here, self.markers_in(i)) {
                         break;
                     }
                 }
@@ -290,7 +345,9 @@ impl Stack {
                     break;
                 }
                 None => {
-                    if lstat(&self.path(i, &rel.join(whiteout_name(name)))).is_some() {
+                    if self.markers_in(i)
+                        && lstat(&self.path(i, &rel.join(whiteout_name(name)))).is_some()
+                    {
                         break;
                     }
                 }
@@ -471,6 +528,47 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn oci_markers_in_the_upper_are_looked_for_only_while_it_may_hold_them() {
+        let t = tempfile::tempdir().unwrap();
+        let (u, l0) = (t.path().join("upper"), t.path().join("l0"));
+        w(&l0.join("d/x"), "x");
+        w(&l0.join("d/y"), "y");
+        w(&l0.join("o/z"), "z");
+        std::fs::create_dir_all(u.join("o")).unwrap();
+        // An upper written in the OCI form: the scan finds a marker, so both kinds count.
+        w(&u.join("d/.wh.x"), "");
+        w(&u.join("o/.wh..wh..opq"), "");
+        let s = stack(t.path(), 1);
+        s.scan_upper_markers();
+        assert!(s.upper_markers().load(Ordering::SeqCst));
+        assert!(s.resolve(Path::new("d/x")).is_none(), "whited out");
+        assert!(
+            s.resolve(Path::new("o/z")).is_none(),
+            "behind an opaque dir"
+        );
+        // An upper without markers: lookups stop asking for them there...
+        std::fs::remove_dir_all(&u).unwrap();
+        std::fs::create_dir_all(u.join("d")).unwrap();
+        let s = stack(t.path(), 1);
+        s.scan_upper_markers();
+        assert!(!s.upper_markers().load(Ordering::SeqCst));
+        assert!(s.resolve(Path::new("d/y")).is_some());
+        // ...until the union raises the flag before writing one (the rootless fallback).
+        s.upper_markers().store(true, Ordering::SeqCst);
+        w(&u.join("d/.wh.y"), "");
+        assert!(s.resolve(Path::new("d/y")).is_none());
+        // Past the scan's cap, an upper is taken to have markers.
+        std::fs::remove_dir_all(&u).unwrap();
+        std::fs::create_dir_all(&u).unwrap();
+        let s = stack(t.path(), 1);
+        for i in 0..=10 {
+            std::fs::File::create(u.join(i.to_string())).unwrap();
+        }
+        s.scan_upper_markers_within(10);
+        assert!(s.upper_markers().load(Ordering::SeqCst));
     }
 
     #[test]

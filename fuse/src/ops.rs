@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use fuser::Errno;
 use nix::sys::stat::{Mode, SFlag};
@@ -55,11 +55,15 @@ pub struct Upper {
     /// Nothing is synced (kernel overlay's `volatile`): copy-ups are renamed into place
     /// unsynced and fsync is answered at once. See [`Upper::prepare`].
     pub volatile: bool,
+    /// The stack's flag for OCI markers in the upper (see [`Stack::upper_markers`]): raised
+    /// before this writes one.
+    markers: Arc<AtomicBool>,
 }
 
 impl Upper {
-    /// The upper `root` with its `work` dir; copies are noted in `inos`.
-    pub fn new(root: PathBuf, work: PathBuf, inos: Arc<Inos>) -> Upper {
+    /// The upper `root` with its `work` dir; copies are noted in `inos`; `markers` is raised
+    /// before an OCI marker is written.
+    pub fn new(root: PathBuf, work: PathBuf, inos: Arc<Inos>, markers: Arc<AtomicBool>) -> Upper {
         let ns = if nix::unistd::geteuid().is_root() {
             XattrNs::Trusted
         } else {
@@ -72,6 +76,7 @@ impl Upper {
             inos,
             counter: AtomicU64::new(0),
             volatile: false,
+            markers,
         }
     }
 
@@ -202,17 +207,34 @@ impl Upper {
     /// Copies `rel` up into the upper if it is not there yet (directories: the directory
     /// itself, not its contents). A hard-linked file's other names are linked to the copy.
     pub fn copy_up(&self, stack: &Stack, rel: &Path) -> Result<(), Errno> {
-        self.copy_up_with(stack, rel, !self.volatile)
+        self.copy_up_with(stack, rel, None, !self.volatile)
+    }
+
+    /// [`Upper::copy_up`] of `rel`, which a lookup just found as `known`: unless the upper
+    /// has changed at `rel` since, no second walk through the layers (lowers don't change).
+    pub fn copy_up_known(&self, stack: &Stack, rel: &Path, known: Resolved) -> Result<(), Errno> {
+        self.copy_up_with(stack, rel, Some(known), !self.volatile)
     }
 
     /// [`Upper::copy_up`]; `sync` false leaves a file's data for one `syncfs` by the caller.
-    fn copy_up_with(&self, stack: &Stack, rel: &Path, sync: bool) -> Result<(), Errno> {
+    fn copy_up_with(
+        &self,
+        stack: &Stack,
+        rel: &Path,
+        known: Option<Resolved>,
+        sync: bool,
+    ) -> Result<(), Errno> {
         // Already in the upper (the top layer, so it is what the merged view shows): nothing to
         // do, and no walk through the layers to find that out.
-        if std::fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| !is_whiteout(&m)) {
-            return Ok(());
-        }
-        let r = stack.resolve(rel).ok_or(Errno::ENOENT)?;
+        let known = match std::fs::symlink_metadata(self.root.join(rel)) {
+            Ok(m) if !is_whiteout(&m) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => known,
+            _ => None,
+        };
+        let r = match known {
+            Some(r) => r,
+            None => stack.resolve(rel).ok_or(Errno::ENOENT)?,
+        };
         if r.layer() == 0 {
             return Ok(());
         }
@@ -301,7 +323,7 @@ impl Upper {
 
     /// Copies the tree at `rel` up, noting its directories in `dirs` (to be marked opaque).
     fn copy_tree(&self, stack: &Stack, rel: &Path, dirs: &mut Vec<PathBuf>) -> Result<(), Errno> {
-        self.copy_up_with(stack, rel, false)?;
+        self.copy_up_with(stack, rel, None, false)?;
         let Some(Resolved::Dir { layers, .. }) = stack.resolve(rel) else {
             return Err(Errno::ENOTDIR);
         };
@@ -310,7 +332,7 @@ impl Upper {
             if e.kind() == libc::S_IFDIR {
                 self.copy_tree(stack, &child, dirs)?;
             } else {
-                self.copy_up_with(stack, &child, false)?;
+                self.copy_up_with(stack, &child, None, false)?;
             }
         }
         dirs.push(rel.to_path_buf());
@@ -329,6 +351,7 @@ impl Upper {
                     Some(libc::EPERM | libc::ENOTSUP | libc::EACCES)
                 ) =>
             {
+                self.markers.store(true, Ordering::SeqCst);
                 std::fs::write(dir.join(OsStr::from_bytes(OPAQUE_MARKER)), b"").map_err(errno)
             }
             Err(e) => Err(errno(e)),
@@ -343,13 +366,22 @@ impl Upper {
             std::fs::remove_file(&here).map_err(errno)?;
             had = true;
         }
+        Ok(self.clear_oci_whiteout(rel)? || had)
+    }
+
+    /// Removes the OCI form's whiteout for `rel` (`.wh.NAME`) from the upper; true if there
+    /// was one. No system call while the upper holds no such markers.
+    pub fn clear_oci_whiteout(&self, rel: &Path) -> Result<bool, Errno> {
+        if !self.markers.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         let name = rel.file_name().ok_or(Errno::EINVAL)?;
-        let oci = here.with_file_name(whiteout_name(name));
+        let oci = self.root.join(rel).with_file_name(whiteout_name(name));
         if std::fs::symlink_metadata(&oci).is_ok() {
             std::fs::remove_file(&oci).map_err(errno)?;
-            had = true;
+            return Ok(true);
         }
-        Ok(had)
+        Ok(false)
     }
 
     /// Writes a whiteout for `rel` in the upper (its parent must exist there): a hard link of
@@ -373,6 +405,7 @@ impl Upper {
                 })?,
                 // Not allowed to make devices: the OCI form, which this filesystem reads too.
                 Err(nix::errno::Errno::EPERM) => {
+                    self.markers.store(true, Ordering::SeqCst);
                     let name = rel.file_name().ok_or(Errno::EINVAL)?;
                     return std::fs::write(here.with_file_name(whiteout_name(name)), b"")
                         .map_err(errno);

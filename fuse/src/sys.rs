@@ -87,18 +87,30 @@ pub fn lremovexattr(path: &Path, name: &OsStr) -> io::Result<()> {
 /// filesystem then applies the caller's umask, or, under a directory with a default ACL,
 /// the ACL instead, as the kernel does for kernel overlay's upper. The first call on a thread
 /// gives the thread its own umask (`unshare(CLONE_FS)`), so requests on other threads and
-/// the rest of the process keep theirs.
+/// the rest of the process keep theirs. A caller whose umask is the thread's own (the common
+/// case) costs no system call.
 pub fn with_umask<T>(mask: u32, f: impl FnOnce() -> T) -> io::Result<T> {
     use nix::sys::stat::{Mode, umask};
     thread_local! {
-        static OWN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// The thread's own umask, once it has one.
+        static OWN: std::cell::Cell<Option<Mode>> = const { std::cell::Cell::new(None) };
     }
-    if !OWN.get() {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(io::Error::from)?;
-        OWN.set(true);
+    let own = match OWN.get() {
+        Some(m) => m,
+        None => {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).map_err(io::Error::from)?;
+            let m = umask(Mode::empty());
+            umask(m);
+            OWN.set(Some(m));
+            m
+        }
+    };
+    let want = Mode::from_bits_truncate(mask & 0o777);
+    if want == own {
+        return Ok(f());
     }
-    let before = umask(Mode::from_bits_truncate(mask & 0o777));
+    umask(want);
     let out = f();
-    umask(before);
+    umask(own);
     Ok(out)
 }
