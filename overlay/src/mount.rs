@@ -303,8 +303,14 @@ pub struct MountPoint {
 
 /// The mounts of this process's mount namespace, in mount order.
 pub fn mount_table() -> Result<Vec<MountPoint>> {
+    use std::io::Read;
     let path = Path::new("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+    // procfs gives no size: from an empty buffer std would grow it from 32 bytes, a read each
+    // time, and every read makes the kernel walk the table again.
+    let mut text = String::with_capacity(64 * 1024);
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .map_err(|e| Error::io("read", path, e))?;
     Ok(parse_mountinfo(&text))
 }
 

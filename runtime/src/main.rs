@@ -414,7 +414,9 @@ fn layer_changes(a: cli::ChangesArgs) -> Result<()> {
     Ok(())
 }
 
-/// True when `at` is a mount point of a FUSE filesystem (from /proc/self/mountinfo).
+/// `strata mount --fuse`: serves the union of the lowers (and the upper, unless read-only) on
+/// the mount point, in the foreground with `-f`, otherwise from a detached copy of this
+/// command, returning once the mount is live.
 fn mount_fuse(a: cli::MountArgs) -> Result<()> {
     let lowers = split_paths(&a.lower);
     if lowers.is_empty() {
