@@ -70,9 +70,17 @@ impl Activity {
 
     /// True when nothing runs and nothing has for [`QUIET`].
     fn idle(&self) -> bool {
-        self.busy.load(Ordering::Relaxed) == 0
-            && self.now().saturating_sub(self.last.load(Ordering::Relaxed))
-                >= QUIET.as_micros() as u64
+        self.until_idle().is_zero()
+    }
+
+    /// How long until the store is idle, if nothing starts meanwhile: zero when it is; while
+    /// an operation runs, [`QUIET`] (its end can't be told).
+    fn until_idle(&self) -> Duration {
+        if self.busy.load(Ordering::Relaxed) != 0 {
+            return QUIET;
+        }
+        let since = self.now().saturating_sub(self.last.load(Ordering::Relaxed));
+        QUIET.saturating_sub(Duration::from_micros(since))
     }
 }
 
@@ -166,10 +174,11 @@ pub(crate) fn spawn(
         .spawn(move || {
             let mut pending: VecDeque<Chore> = VecDeque::new();
             loop {
+                // With work pending, wake when the store would next be idle, not on a tick.
                 let next = if pending.is_empty() {
                     rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
                 } else {
-                    rx.recv_timeout(QUIET / 2)
+                    rx.recv_timeout(activity.until_idle().max(QUIET / 8))
                 };
                 match next {
                     Ok(c) => pending.push_back(c),
