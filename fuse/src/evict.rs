@@ -20,6 +20,10 @@ use crate::node::{Nodes, ROOT};
 /// Nodes kept at most, by default: about 25 MiB of table.
 pub const DEFAULT_CAP: usize = 100_000;
 
+/// How long a round waits for the kernel's FORGETs before it takes the entries it asked the
+/// kernel to drop as in use (and pauses).
+const FORGETS_WAIT: Duration = Duration::from_millis(100);
+
 /// The cap and the evicting thread's wake-up.
 pub struct Evict {
     cap: usize,
@@ -95,8 +99,12 @@ impl Evict {
                         drop_entry(notifier, parent, name);
                     }
                 }
-                // The kernel's FORGETs come back through the request threads.
-                std::thread::sleep(Duration::from_millis(5));
+                // The kernel's FORGETs come back through the request threads, later on a busy
+                // machine: look for them for a while before taking the entries to be in use.
+                let asked = std::time::Instant::now();
+                while nodes.len() >= before && asked.elapsed() < FORGETS_WAIT {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 if nodes.len() >= before {
                     std::thread::sleep(Duration::from_millis(200));
                 }
