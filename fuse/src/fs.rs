@@ -615,8 +615,9 @@ impl Union {
     /// `f` is written or truncated by `req`'s caller: its set-user-ID bit goes, and its
     /// set-group-ID bit where the group may execute or the caller is not of the file's group,
     /// as the kernel's own rule has it for a caller without `CAP_FSETID` (root here is taken to
-    /// have it). Only where the kernel left this to the server (`killpriv`): writes
-    /// that pass through never reach it, so an open for writing clears the bits at once.
+    /// have it). Only where the kernel left this to the server (`killpriv`): a write asks for
+    /// it (`FUSE_WRITE_KILL_SUIDGID`), and an open for writing clears the bits at once where
+    /// files pass through, as their writes never reach the server.
     fn kill_suid(&self, req: &Request, f: &File) -> Result<(), Errno> {
         if !self.killpriv.load(Ordering::Relaxed) || req.uid() == 0 {
             return Ok(());
@@ -985,14 +986,20 @@ impl fuser::Filesystem for Union {
         // to a file goes through this mount, so the cache is never stale.
         // As root, passthrough does better still: the kernel does file I/O on the backing
         // files itself. It excludes the writeback cache.
-        let pass = nix::unistd::geteuid().is_root()
+        let pass = crate::privileged()
             && config.capabilities().contains(F::FUSE_PASSTHROUGH)
             && config.set_max_stack_depth(1).is_ok();
         if pass {
-            want |= F::FUSE_PASSTHROUGH | F::FUSE_HANDLE_KILLPRIV_V2;
+            want |= F::FUSE_PASSTHROUGH;
         } else if self.upper.is_some() {
             want |= F::FUSE_WRITEBACK_CACHE;
         }
+        // Clearing set-ID bits on a write is left to this server, which then frees the kernel
+        // from asking for `security.capability` before every write (it marks the filesystem
+        // `SB_NOSEC`): with the writeback cache that question was a round trip per write(2).
+        // Writes reach the backing file through this server or the kernel's passthrough,
+        // where the backing filesystem drops a capability as it always does.
+        want |= F::FUSE_HANDLE_KILLPRIV_V2;
         let want = want & config.capabilities();
         self.passthrough
             .store(want.contains(F::FUSE_PASSTHROUGH), Ordering::SeqCst);
@@ -1095,7 +1102,9 @@ impl fuser::Filesystem for Union {
                 }
                 r => r.map_err(errno),
             }?;
-            if write || trunc {
+            // Truncation drops them now; writes, when the first one comes (it reaches this
+            // server), unless files pass through, whose writes never reach it.
+            if trunc || (write && self.passthrough.load(Ordering::SeqCst)) {
                 self.kill_suid(req, &f)?;
             }
             Ok(f)

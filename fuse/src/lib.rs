@@ -16,7 +16,8 @@
 //! - [`fs`]: the `fuser::Filesystem` glue (read-only without an upper): resolved directories
 //!   cached until a change touches them, listings the kernel may cache, and file I/O done by
 //!   the kernel itself where it can: every file passes through to its backing file as root
-//!   (FUSE passthrough), writes go through the kernel's writeback cache otherwise.
+//!   of the initial user namespace ([`privileged`]; FUSE passthrough), writes go through the
+//!   kernel's writeback cache otherwise.
 //! - [`threads`]: how many request threads, each kept on its own CPU.
 //! - [`mounts`]: finding and unmounting FUSE mounts (with `fusermount3` when unprivileged).
 //! - `sys`: the raw syscalls nix does not wrap; the only module with `unsafe`.
@@ -34,5 +35,15 @@ mod sys;
 pub mod threads;
 
 pub use fs::Union;
+
+/// True when this server runs as root of the initial user namespace: it may then pass files
+/// through to the kernel (`FUSE_DEV_IOC_BACKING_OPEN` needs `CAP_SYS_ADMIN` there) and set
+/// `trusted.` xattrs. Root of a user namespace (`unshare -Ur`, rootless Podman) may do neither.
+pub fn privileged() -> bool {
+    static PRIVILEGED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRIVILEGED.get_or_init(|| {
+        nix::unistd::geteuid().is_root() && !strata_overlay::probe::in_user_namespace()
+    })
+}
 
 pub use strata_overlay::whiteout;

@@ -47,7 +47,8 @@ pub struct Upper {
     pub root: PathBuf,
     /// The work dir, on the upper's filesystem.
     pub work: PathBuf,
-    /// Where opaque markers go: `trusted.` as root, `user.` otherwise.
+    /// Where opaque markers go: `trusted.` as root of the initial user namespace, `user.`
+    /// otherwise (as kernel overlay's `userxattr` mounts do).
     pub ns: XattrNs,
     /// The union's inode numbers: copies are noted there.
     inos: Arc<Inos>,
@@ -64,7 +65,7 @@ impl Upper {
     /// The upper `root` with its `work` dir; copies are noted in `inos`; `markers` is raised
     /// before an OCI marker is written.
     pub fn new(root: PathBuf, work: PathBuf, inos: Arc<Inos>, markers: Arc<AtomicBool>) -> Upper {
-        let ns = if nix::unistd::geteuid().is_root() {
+        let ns = if crate::privileged() {
             XattrNs::Trusted
         } else {
             XattrNs::User

@@ -318,6 +318,71 @@ fn demo_runs_to_the_end() {
     );
 }
 
+/// The FUSE union run as root of a user namespace (as rootless Podman runs its mount program)
+/// writes its opaque directories in the form kernel overlay's `userxattr` mounts read
+/// (`user.overlay.opaque`; `trusted.` is not settable there), so the upper mounts either way:
+/// a lower directory deleted and made again stays empty under kernel overlay.
+#[test]
+fn fuse_in_a_user_namespace_leaves_an_upper_kernel_overlay_reads() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for sub in ["l/d", "u", "w", "m"] {
+        std::fs::create_dir_all(d.join(sub)).unwrap();
+    }
+    std::fs::write(d.join("l/d/old"), b"x").unwrap();
+    std::fs::write(d.join("l/gone"), b"x").unwrap();
+    // Owned by the user the namespace maps to root: others' files show as unmapped there.
+    ok(Command::new("chown").arg("-R").arg("65534:65534").arg(d));
+    let bin = d.join("strata");
+    std::fs::copy(env!("CARGO_BIN_EXE_strata"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = format!(
+        "set -e; cd {d}; {bin} mount --fuse --lower l --upper u --work w m; \
+         rm -r m/d m/gone; mkdir m/d; echo new > m/d/new; {bin} umount m; \
+         mount -t overlay overlay -o userxattr,lowerdir=l,upperdir=u,workdir=w m; \
+         ls -A m/d; ls -A m; umount m",
+        d = d.display(),
+        bin = bin.display()
+    );
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "unshare",
+            "-Urm",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "run in a user namespace failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        ["new", "d"],
+        "kernel overlay's view of the FUSE union's upper"
+    );
+    let opaque = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.overlay.opaque"])
+        .arg(d.join("u/d"))
+        .output()
+        .unwrap();
+    assert_eq!(opaque.stdout, b"y", "opaque in the user. namespace");
+    assert!(
+        !d.join("u/d/.wh..wh..opq").exists(),
+        "no OCI marker, which kernel overlay would show as a file"
+    );
+}
+
 /// Rootless: uid 65534 in its own user and mount namespace applies a layer in the rootless
 /// form and mounts it with kernel overlay (userxattr chosen automatically).
 #[test]
