@@ -318,6 +318,40 @@ fn demo_runs_to_the_end() {
     );
 }
 
+/// A copy of the strata binary in `d`, which uid 65534 can run (the build's may sit below a
+/// directory it cannot enter, as a clone in a private temp dir does).
+fn strata_for_nobody(d: &Path) -> PathBuf {
+    let bin = d.join("strata");
+    std::fs::copy(env!("CARGO_BIN_EXE_strata"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bin
+}
+
+/// Runs `script` with `sh` as uid 65534 in a user and mount namespace of its own, where it is
+/// root; panics with its output if it fails, returns its stdout.
+fn as_nobody_in_a_user_namespace(script: &str) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "unshare",
+            "-Urm",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "run in a user namespace failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The FUSE union run as root of a user namespace (as rootless Podman runs its mount program)
 /// writes its opaque directories in the form kernel overlay's `userxattr` mounts read
 /// (`user.overlay.opaque`; `trusted.` is not settable there), so the upper mounts either way:
@@ -335,9 +369,7 @@ fn fuse_in_a_user_namespace_leaves_an_upper_kernel_overlay_reads() {
     std::fs::write(d.join("l/gone"), b"x").unwrap();
     // Owned by the user the namespace maps to root: others' files show as unmapped there.
     ok(Command::new("chown").arg("-R").arg("65534:65534").arg(d));
-    let bin = d.join("strata");
-    std::fs::copy(env!("CARGO_BIN_EXE_strata"), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = strata_for_nobody(d);
     let script = format!(
         "set -e; cd {d}; {bin} mount --fuse --lower l --upper u --work w m; \
          rm -r m/d m/gone; mkdir m/d; echo new > m/d/new; {bin} umount m; \
@@ -346,25 +378,7 @@ fn fuse_in_a_user_namespace_leaves_an_upper_kernel_overlay_reads() {
         d = d.display(),
         bin = bin.display()
     );
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "unshare",
-            "-Urm",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "run in a user namespace failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = as_nobody_in_a_user_namespace(&script);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,
@@ -404,36 +418,14 @@ fn rootless_apply_and_userxattr_mount_as_nobody() {
         .arg(&blob)
         .arg("."));
     std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o644)).unwrap();
-    // The binary may sit below a directory uid 65534 cannot enter (a clone in a private temp
-    // dir): run a copy from the scratch dir.
-    let bin = d.join("strata");
-    std::fs::copy(env!("CARGO_BIN_EXE_strata"), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = strata_for_nobody(d);
     let bin = bin.display();
     let script = format!(
         "set -e; cd {d}; {bin} layer apply --rootless --bottom l.tar base; mkdir u w m; {bin} mount --lower base --upper u --work w m; \
          rm m/etc/f; echo new > m/etc/g; {bin} umount m; {bin} info --dir {d} | grep -q 'User Namespace: true'",
         d = d.display()
     );
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "unshare",
-            "-Urm",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rootless run failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    as_nobody_in_a_user_namespace(&script);
     let opaque = Command::new("getfattr")
         .args(["--only-values", "-n", "user.overlay.opaque"])
         .arg(d.join("base/opq"))
