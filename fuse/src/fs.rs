@@ -501,19 +501,20 @@ impl Union {
     /// layers unnoted), else resolved afresh from the root.
     fn fresh(&self, rel: &Path) -> Option<Resolved> {
         if let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) {
-            let cached = self
-                .dirs
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(parent)
-                .cloned();
-            if let Some(Resolved::Dir { layers, .. }) = cached {
-                if layers[0] == 0 {
-                    return self.stack.lookup(&layers, parent, name);
-                }
+            if let Some(layers) = self.upper_dir_layers(parent) {
+                return self.stack.lookup(&layers, parent, name);
             }
         }
         self.stack.resolve(rel)
+    }
+
+    /// The layers of directory `dir`, from the directory cache, when the upper holds it (so
+    /// the cached answer can't have been changed by a copy-up since).
+    fn upper_dir_layers(&self, dir: &Path) -> Option<Vec<usize>> {
+        match self.dirs.read().unwrap_or_else(|p| p.into_inner()).get(dir) {
+            Some(Resolved::Dir { layers, .. }) if layers[0] == 0 => Some(layers.clone()),
+            _ => None,
+        }
     }
 
     /// The path of `name` in directory node `parent`, which must be a directory.
@@ -553,24 +554,12 @@ impl Union {
     /// merge in. Then `None`, and the whole lookup decides. A whiteout found is removed;
     /// `Some(true)` says there was one.
     fn vacant_in_upper(&self, up: &crate::ops::Upper, rel: &Path) -> Result<Option<bool>, Errno> {
-        let Some(parent) = rel.parent() else {
+        let Some(layers) = rel.parent().and_then(|p| self.upper_dir_layers(p)) else {
             return Ok(None);
         };
-        let merges_below = match self
-            .dirs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(parent)
-        {
-            Some(Resolved::Dir { layers, .. }) if layers[0] == 0 => layers.len() > 1,
-            _ => return Ok(None),
-        };
+        let merges_below = layers.len() > 1;
         match nix::sys::stat::lstat(&up.root.join(rel)) {
-            Ok(st) if crate::layer::is_whiteout(&st) => {
-                std::fs::remove_file(up.root.join(rel)).map_err(errno)?;
-                up.clear_oci_whiteout(rel)?;
-                Ok(Some(true))
-            }
+            Ok(st) if crate::layer::is_whiteout(&st) => up.drop_whiteout(rel).map(|()| Some(true)),
             Ok(_) => Err(Errno::EEXIST),
             Err(nix::errno::Errno::ENOENT) if !merges_below => up.clear_oci_whiteout(rel).map(Some),
             Err(nix::errno::Errno::ENOENT) => Ok(None),
@@ -1790,7 +1779,7 @@ impl fuser::Filesystem for Union {
         // The server reads and writes at offsets, never at the descriptor's position.
         match nix::unistd::lseek(&*f, offset, whence) {
             Ok(o) => reply.offset(o),
-            Err(e) => reply.error(Errno::from_i32(e as i32)),
+            Err(e) => reply.error(nix_errno(e)),
         }
     }
 

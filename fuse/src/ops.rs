@@ -361,13 +361,18 @@ impl Upper {
 
     /// Removes a whiteout for `rel` from the upper (either form); true if there was one.
     pub fn clear_whiteout(&self, rel: &Path) -> Result<bool, Errno> {
-        let here = self.root.join(rel);
-        let mut had = false;
-        if std::fs::symlink_metadata(&here).is_ok_and(|m| is_whiteout(&m)) {
-            std::fs::remove_file(&here).map_err(errno)?;
-            had = true;
+        if std::fs::symlink_metadata(self.root.join(rel)).is_ok_and(|m| is_whiteout(&m)) {
+            self.drop_whiteout(rel)?;
+            return Ok(true);
         }
-        Ok(self.clear_oci_whiteout(rel)? || had)
+        self.clear_oci_whiteout(rel)
+    }
+
+    /// Removes the whiteout (char 0:0) known to be at `rel` in the upper, and the OCI form's
+    /// beside it if any.
+    pub fn drop_whiteout(&self, rel: &Path) -> Result<(), Errno> {
+        std::fs::remove_file(self.root.join(rel)).map_err(errno)?;
+        self.clear_oci_whiteout(rel).map(|_| ())
     }
 
     /// Removes the OCI form's whiteout for `rel` (`.wh.NAME`) from the upper; true if there
