@@ -1004,6 +1004,7 @@ impl fuser::Filesystem for Union {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        crate::threads::home_again();
         let r = (|| {
             check_name(name)?;
             let (ppath, p) = self.resolve(parent.0)?;
@@ -1030,6 +1031,7 @@ impl fuser::Filesystem for Union {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        crate::threads::home_again();
         // An open file answers for itself, even unlinked.
         if let Some(f) = fh.and_then(|fh| self.file(fh.0)) {
             return match nix::sys::stat::fstat(&*f) {
@@ -1583,6 +1585,7 @@ impl fuser::Filesystem for Union {
         if self.upper.as_ref().is_some_and(|u| u.volatile) {
             return reply.ok();
         }
+        let _off = crate::threads::DiskWait::begin();
         let r = match self.file(fh.0) {
             Some(f) if datasync => f.sync_data().map_err(errno),
             Some(f) => f.sync_all().map_err(errno),

@@ -157,6 +157,7 @@ fn copy_data(src: &Path, dst: &Path, sync: bool) -> Result<(), Errno> {
     // Holes stay holes, as in kernel overlay's copies.
     strata_overlay::tree::copy_sparse(&s, &d).map_err(errno)?;
     if sync {
+        let _off = crate::threads::DiskWait::begin();
         d.sync_all().map_err(errno)?;
     }
     Ok(())
@@ -314,6 +315,7 @@ impl Upper {
         self.copy_tree(stack, rel, &mut dirs)?;
         if !self.volatile {
             let root = std::fs::File::open(&self.root).map_err(errno)?;
+            let _off = crate::threads::DiskWait::begin();
             nix::unistd::syncfs(&root).map_err(nix_errno)?;
         }
         for d in dirs {

@@ -11,8 +11,15 @@
 //! Threads are kept on CPUs only when there is exactly one per CPU this process may run on: a
 //! different count (`--threads`) leaves placement to the scheduler, as fewer threads than CPUs
 //! kept apart would force callers on the other CPUs to cross over.
+//!
+//! The exception is a wait for the disk (an fsync, the sync of a copy-up): that is several
+//! sleeps and wake-ups inside the kernel, each of which would have to bring the thread's own
+//! CPU back from idle. For those a [`DiskWait`] lets the thread off its CPU; it goes back on
+//! it afterwards, without being moved there.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
@@ -90,7 +97,7 @@ pub(crate) fn place(before: &BTreeSet<i32>, n: usize) {
         );
         return;
     }
-    for ((i, tid), cpu) in found.into_iter().zip(cpus) {
+    for ((i, tid), &cpu) in found.into_iter().zip(&cpus) {
         let mut set = CpuSet::new();
         if let Err(e) = set
             .set(cpu)
@@ -99,7 +106,80 @@ pub(crate) fn place(before: &BTreeSet<i32>, n: usize) {
             tracing::warn!(thread = i, cpu, error = %e, "keeping a request thread on its CPU");
         }
     }
+    let _ = SPREAD.set(cpus);
     tracing::debug!(threads = n, "one request thread kept on each CPU");
+}
+
+/// The CPUs the request threads were kept apart on, once [`place`] has done so.
+static SPREAD: OnceLock<Vec<usize>> = OnceLock::new();
+
+thread_local! {
+    /// This thread's own CPU, while a [`DiskWait`] has let it off it.
+    static AWAY: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+fn set_of(cpus: &[usize]) -> Option<CpuSet> {
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c).ok()?;
+    }
+    Some(set)
+}
+
+/// A request thread kept on its CPU is let off it while it waits for the disk (an fsync, a
+/// copy-up): such a wait is several sleeps and wake-ups (the data written, then the journal),
+/// and each wake-up can then run on whichever CPU is awake instead of bringing the thread's
+/// own CPU back from idle. The thread goes back to its CPU when the guard drops, if it is
+/// already there (no migration); otherwise at the next guard that finds it there.
+pub(crate) struct DiskWait(Option<usize>);
+
+impl DiskWait {
+    pub(crate) fn begin() -> DiskWait {
+        let Some(all) = SPREAD.get() else {
+            return DiskWait(None);
+        };
+        let home = AWAY.with(Cell::get).or_else(|| {
+            let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
+            let mut on = all.iter().filter(|&&c| set.is_set(c).unwrap_or(false));
+            match (on.next(), on.next()) {
+                (Some(&c), None) => Some(c),
+                _ => None,
+            }
+        });
+        let Some(home) = home else {
+            return DiskWait(None);
+        };
+        if AWAY.with(Cell::get).is_none() {
+            match set_of(all) {
+                Some(set) if sched_setaffinity(Pid::from_raw(0), &set).is_ok() => {
+                    AWAY.with(|a| a.set(Some(home)))
+                }
+                _ => return DiskWait(None),
+            }
+        }
+        DiskWait(Some(home))
+    }
+}
+
+/// Puts a thread a [`DiskWait`] left off its CPU back on it, if it is there now (a thread
+/// local read while it is not away).
+pub(crate) fn home_again() {
+    let Some(home) = AWAY.with(Cell::get) else {
+        return;
+    };
+    if nix::sched::sched_getcpu().ok() == Some(home)
+        && set_of(&[home]).is_some_and(|set| sched_setaffinity(Pid::from_raw(0), &set).is_ok())
+    {
+        AWAY.with(|a| a.set(None));
+    }
+}
+
+impl Drop for DiskWait {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            home_again();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +191,44 @@ mod tests {
         let n = cpus().len();
         assert!(n >= 1, "sched_getaffinity gave no CPU");
         assert_eq!(default_threads(), n.clamp(2, MAX_DEFAULT_THREADS));
+    }
+
+    fn affinity() -> Vec<usize> {
+        let set = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        (0..CpuSet::count())
+            .filter(|&c| set.is_set(c).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_disk_wait_lets_a_kept_thread_off_its_cpu_and_back_on() {
+        let all = cpus();
+        assert!(all.len() >= 2, "this test needs two CPUs");
+        std::thread::spawn(move || {
+            let _ = SPREAD.set(all.clone());
+            let spread = SPREAD.get().unwrap().clone();
+            let home = spread[1];
+            sched_setaffinity(Pid::from_raw(0), &set_of(&[home]).unwrap()).unwrap();
+            let wait = DiskWait::begin();
+            assert_eq!(affinity(), spread, "off its CPU while it waits");
+            drop(wait);
+            // Back on it at once when it is still there, else at the next chance.
+            let t = Instant::now();
+            while affinity() != [home] {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "never back on its CPU"
+                );
+                std::thread::yield_now();
+                home_again();
+            }
+            // A thread nobody kept on a CPU is left as it is.
+            sched_setaffinity(Pid::from_raw(0), &set_of(&spread).unwrap()).unwrap();
+            drop(DiskWait::begin());
+            assert_eq!(affinity(), spread);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
