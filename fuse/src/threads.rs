@@ -14,7 +14,7 @@
 //!
 //! The exception is a wait for the disk (an fsync, the sync of a copy-up): that is several
 //! sleeps and wake-ups inside the kernel, each of which would have to bring the thread's own
-//! CPU back from idle. For those a [`DiskWait`] lets the thread off its CPU; it goes back on
+//! CPU back from idle. For those a `DiskWait` lets the thread off its CPU; it goes back on
 //! it afterwards, without being moved there.
 
 use std::cell::Cell;
