@@ -1597,6 +1597,45 @@ impl fuser::Filesystem for Union {
         }
     }
 
+    /// fsync of a directory syncs its copy in the upper, as kernel overlay's does (a directory
+    /// only in lowers has nothing of this mount's to sync). Without this the kernel, told
+    /// ENOSYS once, would answer every later directory fsync with success and sync nothing:
+    /// a program's fsync of a directory after a create or rename would not make it durable.
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(up) = self.upper.as_ref().filter(|u| !u.volatile) else {
+            return reply.ok();
+        };
+        let r = (|| {
+            let path = self.nodes.path(ino.0).ok_or(Errno::ESTALE)?;
+            let dir = match std::fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(up.root.join(&path))
+            {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(errno(e)),
+            };
+            let _off = crate::threads::DiskWait::begin();
+            if datasync {
+                dir.sync_data().map_err(errno)
+            } else {
+                dir.sync_all().map_err(errno)
+            }
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn setxattr(
         &self,
         _req: &Request,

@@ -784,12 +784,20 @@ fn fuse_request_threads_are_kept_one_per_cpu() {
     );
 }
 
-/// The syncs (`fsync`, `fdatasync`, `syncfs`) a `strata mount --fuse -f` server makes while
-/// a lower file is appended to and fsynced and a lower directory is renamed through its mount.
-fn server_syncs(d: &Path, extra: &[&str]) -> usize {
+/// The syncs (`fsync`, `fdatasync`, `syncfs`) a `strata mount --fuse -f --upper u` server
+/// over `d/l` makes while `work` runs on its mount `d/m`, as strace logs them (`-y`: each
+/// descriptor with its path).
+fn traced_syncs(d: &Path, extra: &[&str], work: impl FnOnce(&Path)) -> Vec<String> {
     let log = d.join("strace.log");
     let mut server = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=fsync,fdatasync,syncfs", "-o"])
+        .args([
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=fsync,fdatasync,syncfs",
+            "-o",
+        ])
         .arg(&log)
         .arg(env!("CARGO_BIN_EXE_strata"))
         .args(["mount", "--fuse", "-f", "--lower"])
@@ -807,15 +815,7 @@ fn server_syncs(d: &Path, extra: &[&str]) -> usize {
         assert!(t0.elapsed().as_secs() < 20, "the server did not mount");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let mut f = std::fs::File::options()
-        .append(true)
-        .open(d.join("m/f"))
-        .unwrap();
-    std::io::Write::write_all(&mut f, b"+").unwrap();
-    f.sync_all().expect("fsync through the mount succeeds");
-    drop(f);
-    std::fs::rename(d.join("m/dir"), d.join("m/moved")).unwrap();
-    std::fs::rename(d.join("m/moved"), d.join("m/dir")).unwrap();
+    work(&d.join("m"));
     ok(Command::new("umount").arg(d.join("m")));
     assert!(server.wait().unwrap().success());
     let text = std::fs::read_to_string(&log).unwrap();
@@ -825,7 +825,61 @@ fn server_syncs(d: &Path, extra: &[&str]) -> usize {
                 .iter()
                 .any(|c| l.contains(c))
         })
-        .count()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// How many syncs the server makes while a lower file is appended to and fsynced and a lower
+/// directory is renamed through its mount.
+fn server_syncs(d: &Path, extra: &[&str]) -> usize {
+    traced_syncs(d, extra, |m| {
+        let mut f = std::fs::File::options()
+            .append(true)
+            .open(m.join("f"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"+").unwrap();
+        f.sync_all().expect("fsync through the mount succeeds");
+        drop(f);
+        std::fs::rename(m.join("dir"), m.join("moved")).unwrap();
+        std::fs::rename(m.join("moved"), m.join("dir")).unwrap();
+    })
+    .len()
+}
+
+/// fsync of a directory through the union syncs the directory's copy in the upper, every
+/// time (the kernel stops asking a server that once answered ENOSYS, and then syncs
+/// nothing); a directory only in lowers has nothing to sync and is fine too.
+#[test]
+fn fsync_of_a_directory_syncs_its_upper_copy() {
+    require_root();
+    let t = scratch();
+    let d = t.path();
+    for p in ["l/dir", "l/only-lower", "u", "w", "m"] {
+        std::fs::create_dir_all(d.join(p)).unwrap();
+    }
+    let fsync_dir = |p: &Path| {
+        std::fs::File::open(p)
+            .unwrap()
+            .sync_all()
+            .unwrap_or_else(|e| panic!("fsync of {}: {e}", p.display()))
+    };
+    let syncs = traced_syncs(d, &[], |m| {
+        fsync_dir(&m.join("only-lower"));
+        for i in 0..3 {
+            std::fs::write(m.join(format!("dir/new{i}")), "x").unwrap();
+            fsync_dir(&m.join("dir"));
+        }
+    });
+    let upper_dir = format!("<{}>)", d.join("u/dir").display());
+    let of_dir: Vec<_> = syncs
+        .iter()
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()) && l.contains(&upper_dir))
+        .collect();
+    assert_eq!(of_dir.len(), 3, "one sync of u/dir per fsync: {syncs:#?}");
+    assert!(
+        !syncs.iter().any(|l| l.contains("only-lower")),
+        "{syncs:#?}"
+    );
 }
 
 /// `--fuse --volatile` (the drop-in's `volatile` or `fsync=0`, which Podman and containerd's
