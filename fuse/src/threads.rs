@@ -98,11 +98,8 @@ pub(crate) fn place(before: &BTreeSet<i32>, n: usize) {
         return;
     }
     for ((i, tid), &cpu) in found.into_iter().zip(&cpus) {
-        let mut set = CpuSet::new();
-        if let Err(e) = set
-            .set(cpu)
-            .and_then(|()| sched_setaffinity(Pid::from_raw(tid), &set))
-        {
+        let kept = set_of(&[cpu]).ok_or(nix::Error::EINVAL);
+        if let Err(e) = kept.and_then(|set| sched_setaffinity(Pid::from_raw(tid), &set)) {
             tracing::warn!(thread = i, cpu, error = %e, "keeping a request thread on its CPU");
         }
     }
@@ -138,26 +135,23 @@ impl DiskWait {
         let Some(all) = SPREAD.get() else {
             return DiskWait(None);
         };
-        let home = AWAY.with(Cell::get).or_else(|| {
-            let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
-            let mut on = all.iter().filter(|&&c| set.is_set(c).unwrap_or(false));
-            match (on.next(), on.next()) {
-                (Some(&c), None) => Some(c),
-                _ => None,
-            }
-        });
-        let Some(home) = home else {
+        if let Some(home) = AWAY.with(Cell::get) {
+            return DiskWait(Some(home)); // still off its CPU since the last wait
+        }
+        let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
             return DiskWait(None);
         };
-        if AWAY.with(Cell::get).is_none() {
-            match set_of(all) {
-                Some(set) if sched_setaffinity(Pid::from_raw(0), &set).is_ok() => {
-                    AWAY.with(|a| a.set(Some(home)))
-                }
-                _ => return DiskWait(None),
+        let mut on = all.iter().filter(|&&c| set.is_set(c).unwrap_or(false));
+        let (Some(&home), None) = (on.next(), on.next()) else {
+            return DiskWait(None); // not kept on one CPU
+        };
+        match set_of(all) {
+            Some(all) if sched_setaffinity(Pid::from_raw(0), &all).is_ok() => {
+                AWAY.with(|a| a.set(Some(home)));
+                DiskWait(Some(home))
             }
+            _ => DiskWait(None),
         }
-        DiskWait(Some(home))
     }
 }
 
