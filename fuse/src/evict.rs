@@ -63,13 +63,15 @@ impl Evict {
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("strata-fuse-evict".into())
-            .spawn(move || me.run(&nodes, &notifier));
+            .spawn(move || me.run(&nodes, |parent, name| drop_entry(&notifier, parent, name)));
         if let Err(e) = spawned {
             tracing::warn!(%e, "no thread to cap the node table: it grows with what the kernel caches");
         }
     }
 
-    fn run(&self, nodes: &Nodes, notifier: &fuser::Notifier) {
+    /// The thread's loop: rounds of asking `drop` (the kernel) to let go of the coldest
+    /// entries, named by parent node and name, until the table is under the low mark.
+    fn run(&self, nodes: &Nodes, drop: impl Fn(u64, &OsStr)) {
         let low = self.cap * 9 / 10;
         loop {
             {
@@ -84,9 +86,12 @@ impl Evict {
             }
             // Rounds until under the low mark; a round that frees nothing (entries in use)
             // waits a while before the next.
-            while nodes.len() > low && !self.closed.load(Ordering::SeqCst) {
-                let before = nodes.len();
-                for path in nodes.coldest(before - low) {
+            while !self.closed.load(Ordering::SeqCst) {
+                let Some(ask) = nodes.len().checked_sub(low).filter(|&n| n > 0) else {
+                    break;
+                };
+                let gone = nodes.forgotten();
+                for path in nodes.coldest(ask) {
                     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
                         continue;
                     };
@@ -96,16 +101,19 @@ impl Evict {
                         nodes.id(parent)
                     };
                     if let Some(parent) = parent {
-                        drop_entry(notifier, parent, name);
+                        drop(parent, name);
                     }
                 }
                 // The kernel's FORGETs come back through the request threads, later on a busy
-                // machine: look for them for a while before taking the entries to be in use.
+                // machine. Progress is counted in FORGETs, not in the table's size: lookups
+                // beside the round grow the table while it shrinks.
                 let asked = std::time::Instant::now();
-                while nodes.len() >= before && asked.elapsed() < FORGETS_WAIT {
-                    std::thread::sleep(Duration::from_millis(5));
+                let freed = || nodes.forgotten() - gone;
+                while freed() < ask.div_ceil(2) as u64 && asked.elapsed() < FORGETS_WAIT {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                if nodes.len() >= before {
+                if freed() == 0 {
+                    // Every entry asked for is in use: wait before asking again.
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
@@ -117,5 +125,48 @@ fn drop_entry(notifier: &fuser::Notifier, parent: u64, name: &OsStr) {
     if let Err(e) = notifier.inval_entry(INodeNo(parent), name) {
         // Gone already (ENOENT is absorbed by fuser), or the connection is ending.
         tracing::debug!(parent, ?name, %e, "dropping a cached entry");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A walk adds nodes while the evicting thread runs and the "kernel" forgets each dropped
+    /// entry at once: the table must stay near its cap. Growth beside a round once made a
+    /// round look fruitless, and the pause that followed let the walk run far past the cap.
+    #[test]
+    fn a_walk_beside_the_rounds_stays_near_the_cap() {
+        const CAP: usize = 2_000;
+        let nodes = Arc::new(Nodes::new());
+        let evict = Arc::new(Evict::new(CAP));
+        let by_name = |parent: u64, name: &OsStr| {
+            assert_eq!(parent, ROOT);
+            name.to_str().unwrap()[1..].parse::<u64>().unwrap()
+        };
+        let thread = {
+            let (evict, nodes) = (evict.clone(), nodes.clone());
+            std::thread::spawn(move || {
+                evict.run(&nodes, |parent, name| {
+                    nodes.forget(by_name(parent, name), 1)
+                })
+            })
+        };
+        let most = AtomicUsize::new(0);
+        for i in 2..200_000u64 {
+            nodes.looked_up(&PathBuf::from(format!("f{i}")), i);
+            let len = nodes.len();
+            most.fetch_max(len, Ordering::Relaxed);
+            evict.check(len);
+            if i % 64 == 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        evict.close();
+        thread.join().unwrap();
+        let most = most.into_inner();
+        assert!(most <= CAP * 2, "{most} nodes for a cap of {CAP}");
     }
 }

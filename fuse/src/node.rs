@@ -89,6 +89,8 @@ pub struct Nodes {
     clock: AtomicU64,
     /// `table.nodes.len()`, readable without the lock.
     count: AtomicUsize,
+    /// Nodes removed so far (forgotten by the kernel), ever growing.
+    gone: AtomicU64,
 }
 
 impl Default for Nodes {
@@ -117,6 +119,7 @@ impl Nodes {
             table: RwLock::new(t),
             clock: AtomicU64::new(1),
             count: AtomicUsize::new(1),
+            gone: AtomicU64::new(0),
         }
     }
 
@@ -279,6 +282,7 @@ impl Nodes {
         }
         let node = t.nodes.remove(&id).expect("checked above");
         self.count.fetch_sub(1, Ordering::Relaxed);
+        self.gone.fetch_add(1, Ordering::Relaxed);
         for p in std::iter::once(&node.path).chain(node.aliases.iter()) {
             if t.by_path.get(p) == Some(&id) {
                 t.by_path.remove(p);
@@ -350,6 +354,12 @@ impl Nodes {
     /// How many nodes the kernel holds (the root included).
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// How many nodes have been forgotten since the table was made: what an eviction round
+    /// counts, since the table's size moves with lookups too.
+    pub fn forgotten(&self) -> u64 {
+        self.gone.load(Ordering::Relaxed)
     }
 
     /// True when only the root is held.
