@@ -33,6 +33,8 @@ struct Sizes {
     merged_files: usize,
     extract: u64,
     inserts: usize,
+    /// Lower 4 KiB files, each copied up once (one copy-up is too short to time alone).
+    small_copies: usize,
 }
 
 const QUICK: Sizes = Sizes {
@@ -46,6 +48,7 @@ const QUICK: Sizes = Sizes {
     merged_files: 2000,
     extract: 12 << 20,
     inserts: 100,
+    small_copies: 50,
 };
 
 const FULL: Sizes = Sizes {
@@ -59,6 +62,7 @@ const FULL: Sizes = Sizes {
     merged_files: 10000,
     extract: 100 << 20,
     inserts: 1000,
+    small_copies: 200,
 };
 
 const BACKENDS: [&str; 6] = [
@@ -96,7 +100,7 @@ enum Prep {
     /// The lower's tree of small files (and the dir to rename) stat'ed directly, untimed: its
     /// metadata is in the host's caches, the union's own caches are as the backend left them.
     Tree,
-    /// This lower file read directly, untimed.
+    /// This lower file (or every file in this lower directory) read directly, untimed.
     File(&'static str),
 }
 
@@ -164,8 +168,10 @@ fn workloads(s: &Sizes) -> Vec<Workload> {
             Prep::Nothing,
         ),
         w(
-            "copy-up 4 KiB file".into(),
-            |m, _, _| append_byte(&m.join("small-4k")),
+            format!("copy-up 4 KiB file x{}", s.small_copies),
+            |m, _, s| {
+                (0..s.small_copies).try_for_each(|i| append_byte(&m.join(format!("small-4k/f{i}"))))
+            },
             Prep::File("small-4k"),
         ),
         w(
@@ -423,6 +429,22 @@ fn unlink_all(m: &Path, _: &Path, s: &Sizes) -> Result<()> {
     Ok(())
 }
 
+/// Reads `p`, or every file in directory `p`, to the end.
+fn read_all(p: &Path) -> Result<()> {
+    if p.is_dir() {
+        for e in std::fs::read_dir(p).map_err(err("list", p))? {
+            read_all(&e.map_err(err("list", p))?.path())?;
+        }
+        return Ok(());
+    }
+    std::io::copy(
+        &mut File::open(p).map_err(err("open", p))?,
+        &mut std::io::sink(),
+    )
+    .map_err(err("read", p))?;
+    Ok(())
+}
+
 /// The lower content every backend starts from.
 fn make_lower(dir: &Path, s: &Sizes) -> Result<()> {
     let fill = |p: &Path, size: u64, seed: u64| -> Result<()> {
@@ -443,7 +465,10 @@ fn make_lower(dir: &Path, s: &Sizes) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(err("create", dir))?;
     fill(&dir.join("seq"), s.seq, 1)?;
     fill(&dir.join("rand"), s.rand_file, 2)?;
-    fill(&dir.join("small-4k"), 4096, 3)?;
+    std::fs::create_dir_all(dir.join("small-4k"))?;
+    for i in 0..s.small_copies {
+        fill(&dir.join(format!("small-4k/f{i}")), 4096, 3 + 16 * i as u64)?;
+    }
     fill(&dir.join("medium"), s.medium, 4)?;
     fill(&dir.join("large"), s.large, 5)?;
     for d in 0..100 {
@@ -737,14 +762,7 @@ pub fn run(quick: bool, rounds: usize, out: &Path, dir: &Path) -> Result<()> {
                         Prep::Twice => (wl.run)(&env.dir, &scratch, &sizes)
                             .with_context(|| format!("{} on {}", wl.name, env.kind))?,
                         Prep::Tree => prime_tree(&lower)?,
-                        Prep::File(f) => {
-                            let p = lower.join(f);
-                            std::io::copy(
-                                &mut File::open(&p).map_err(err("open", &p))?,
-                                &mut std::io::sink(),
-                            )
-                            .map_err(err("read", &p))?;
-                        }
+                        Prep::File(f) => read_all(&lower.join(f))?,
                     }
                     EXDEV_SEEN.store(false, std::sync::atomic::Ordering::Relaxed);
                     let t = Instant::now();
