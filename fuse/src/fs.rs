@@ -277,6 +277,8 @@ struct Counts {
     reads: AtomicU64,
     /// Entries of listings with attributes answered from remembered lower attributes.
     remembered: AtomicU64,
+    /// LOOKUPs answered.
+    lookups: AtomicU64,
 }
 
 use crate::ops::{errno, nix_errno};
@@ -1005,16 +1007,19 @@ impl fuser::Filesystem for Union {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         crate::threads::home_again();
+        self.counts.lookups.fetch_add(1, Ordering::Relaxed);
         let r = (|| {
             check_name(name)?;
             let (ppath, p) = self.resolve(parent.0)?;
             let Resolved::Dir { layers, .. } = p else {
                 return Err(Errno::ENOTDIR);
             };
-            let child = self
-                .stack
-                .lookup(&layers, &ppath, name)
-                .ok_or(Errno::ENOENT)?;
+            let Some(child) = self.stack.lookup(&layers, &ppath, name) else {
+                // Absent: node 0, which the kernel keeps as a negative entry for the TTL (a
+                // name created through the mount replaces it), so a program probing the same
+                // missing names again (a journal, a library path) needs no round trip.
+                return Ok(dot_attr(0));
+            };
             let id = self.inos.of(child.stat());
             self.looked_up(&ppath.join(name), id);
             if let Resolved::File { layer, stat } = &child {
@@ -2030,6 +2035,11 @@ impl Stats {
     /// attributes of lower files, without an `lstat`.
     pub fn remembered_attrs(&self) -> u64 {
         self.counts.remembered.load(Ordering::Relaxed)
+    }
+
+    /// LOOKUPs the kernel sent (names it did not have cached, present or absent).
+    pub fn lookups(&self) -> u64 {
+        self.counts.lookups.load(Ordering::Relaxed)
     }
 
     /// Copied-up files and dirs that keep their origin's inode number.

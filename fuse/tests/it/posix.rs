@@ -509,6 +509,54 @@ fn changes_show_at_once_through_the_caches() {
 /// pages right (the kernel reads the rest through our handle), O_APPEND appends at the end
 /// the kernel knows, and the upper has the data once the file is closed.
 #[test]
+fn absent_names_are_cached_until_made_through_the_mount() {
+    let u = Union::new(|l| {
+        std::fs::create_dir(l.join("d")).unwrap();
+        std::fs::write(l.join("d/lower"), b"l").unwrap();
+    });
+    let gone = |n: &str| errno_of(std::fs::symlink_metadata(u.p(n))) == libc::ENOENT;
+    // A missing name is asked for once, then answered by the kernel.
+    assert!(gone("d/missing"));
+    let asked = u.stats.lookups();
+    for _ in 0..5 {
+        assert!(gone("d/missing"));
+    }
+    assert_eq!(u.stats.lookups(), asked, "the absence is cached");
+    // Every way of making a name through the mount replaces the cached absence.
+    let made = ["f", "dir", "sym", "link", "moved", "fifo"];
+    for n in made {
+        assert!(gone(&format!("d/{n}")));
+    }
+    std::fs::write(u.p("d/f"), b"f").unwrap();
+    std::fs::create_dir(u.p("d/dir")).unwrap();
+    std::os::unix::fs::symlink("f", u.p("d/sym")).unwrap();
+    std::fs::hard_link(u.p("d/f"), u.p("d/link")).unwrap();
+    std::fs::write(u.p("d/tmp"), b"t").unwrap();
+    std::fs::rename(u.p("d/tmp"), u.p("d/moved")).unwrap();
+    nix::unistd::mkfifo(
+        &u.p("d/fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    for n in made {
+        assert!(!gone(&format!("d/{n}")), "{n} made through the mount");
+    }
+    assert_eq!(std::fs::read(u.p("d/sym")).unwrap(), b"f");
+    assert!(gone("d/tmp"), "the name renamed away");
+    // Deleted names read absent, a lower one included, and come back when made again.
+    std::fs::remove_file(u.p("d/lower")).unwrap();
+    std::fs::remove_dir(u.p("d/dir")).unwrap();
+    assert!(gone("d/lower") && gone("d/dir"));
+    assert!(gone("d/lower"), "asked again");
+    std::fs::write(u.p("d/lower"), b"again").unwrap();
+    assert_eq!(std::fs::read(u.p("d/lower")).unwrap(), b"again");
+    assert_eq!(
+        names(&u.p("d")),
+        ["f", "fifo", "link", "lower", "moved", "sym"]
+    );
+}
+
+#[test]
 fn cached_writes_keep_file_semantics() {
     let u = Union::new(|l| std::fs::write(l.join("f"), b"0123456789").unwrap());
     let mut w = std::fs::OpenOptions::new()
