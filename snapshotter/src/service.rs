@@ -243,10 +243,26 @@ pub async fn serve(
             let _ = std::fs::remove_file(socket);
         }
     }
+    // Bound and listening under a temporary name, then renamed into place: the path appears
+    // only once it takes connections. Between bind and listen a connect is refused, and a
+    // client that waits for the path to appear (a supervisor, a test) may come in that gap.
+    let mut name = std::ffi::OsString::from(".");
+    name.push(socket.file_name().unwrap_or_default());
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = socket.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
     let listener =
-        tokio::net::UnixListener::bind(socket).map_err(|e| Error::io("listen", socket, e))?;
-    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660))
-        .map_err(|e| Error::io("chmod", socket, e))?;
+        tokio::net::UnixListener::bind(&tmp).map_err(|e| Error::io("listen", &tmp, e))?;
+    let placed =
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+            .map_err(|e| Error::io("chmod", &tmp, e))
+            .and_then(|()| {
+                std::fs::rename(&tmp, socket).map_err(|e| Error::io("rename", socket, e))
+            });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     tracing::info!(socket = %socket.display(), "serving containerd.services.snapshots.v1.Snapshots");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
@@ -281,5 +297,17 @@ pub async fn connect_channel(socket: &Path) -> Result<tonic::transport::Channel>
             }
         }))
         .await
-        .map_err(|e| Error::io("connect", socket, std::io::Error::other(e.to_string())))
+        .map_err(|e| Error::io("connect", socket, std::io::Error::other(with_causes(&e))))
+}
+
+/// `e` and the errors under it ("transport error" alone does not say what failed).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }

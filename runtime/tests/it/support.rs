@@ -93,6 +93,13 @@ impl Server {
     /// [`Server::start`] with more arguments (`--mode fuse`).
     pub fn start_with(root: &Path, socket: &Path, args: &[&str]) -> Server {
         let _ = std::fs::remove_file(socket);
+        // Its log goes beside the socket (appended across restarts), for a client that
+        // cannot connect to show (see `client`).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(server_log(socket))
+            .unwrap();
         let child = strata()
             .args(["snapshotter", "serve"])
             .args(args)
@@ -100,7 +107,7 @@ impl Server {
             .arg(root)
             .arg("--address")
             .arg(socket)
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         wait_for(socket, "strata snapshotter serve");
@@ -193,7 +200,24 @@ pub async fn client(
 ) -> strata_snapshotter::api::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient<
     tonic::transport::Channel,
 > {
-    strata_snapshotter::connect(&socket).await.unwrap()
+    match strata_snapshotter::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            let log = std::fs::read_to_string(server_log(&socket)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "{e}; the socket {} there; the server's log ends:\n{}",
+                if socket.exists() { "is" } else { "is not" },
+                tail.join("\n")
+            )
+        }
+    }
+}
+
+/// Where [`Server`] writes the log of the server on `socket`.
+fn server_log(socket: &Path) -> PathBuf {
+    socket.with_extension("log")
 }
 
 /// [`build_image`], tarred as an OCI layout archive at `dir/file`.
