@@ -300,13 +300,19 @@ pub async fn connect_channel(socket: &Path) -> Result<tonic::transport::Channel>
         .map_err(|e| Error::io("connect", socket, std::io::Error::other(with_causes(&e))))
 }
 
-/// `e` and the errors under it ("transport error" alone does not say what failed).
+/// `e` and the errors under it ("transport error" alone does not say what failed), each
+/// message once (a wrapper often repeats the error it wraps).
 fn with_causes(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
+    let mut last = s.clone();
     let mut cause = e.source();
     while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let m = c.to_string();
+        if m != last {
+            s.push_str(": ");
+            s.push_str(&m);
+            last = m;
+        }
         cause = c.source();
     }
     s

@@ -204,12 +204,11 @@ pub async fn client(
         Ok(c) => c,
         Err(e) => {
             let log = std::fs::read_to_string(server_log(&socket)).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let lines: Vec<&str> = log.lines().collect();
             panic!(
                 "{e}; the socket {} there; the server's log ends:\n{}",
                 if socket.exists() { "is" } else { "is not" },
-                tail.join("\n")
+                lines[lines.len().saturating_sub(40)..].join("\n")
             )
         }
     }
